@@ -1,0 +1,149 @@
+"""The base class of every rewrite, and the few FX helpers all rewrites share.
+
+A pass lives in one file in ``fxpasses/``: a subclass of :class:`GraphPass` whose
+docstring gives the stock form, the optimized form and the preconditions, and
+whose :meth:`GraphPass.apply` matches and rewrites. It reports each rewrite to
+the :class:`RewriteLog` it is given, and it never changes what the graph
+computes: a precondition it cannot prove means it does not fire.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import inspect
+import re
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+
+class Stage(enum.Enum):
+    """Where a pass runs.
+
+    PRE_GRAD: on the graph Dynamo captured (torch-level calls, before AOT
+    autograd). POST_GRAD: on the functional ATen graph after Inductor's
+    decompositions, installed as Inductor's ``post_grad_custom_post_pass``.
+    """
+
+    PRE_GRAD = "pre_grad"
+    POST_GRAD = "post_grad"
+
+
+class RewriteLog:
+    """Collects what one pass rewrote in one graph."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, str]] = []
+
+    def add(self, anchor: fx.Node, replaced: str, by: str) -> None:
+        """Record one rewrite; ``anchor`` is a node of the stock code it replaced."""
+        self.entries.append(
+            {"module": module_path(anchor), "source": source_line(anchor), "replaced": replaced, "by": by}
+        )
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class GraphPass:
+    """A rewrite of one stock form into its optimized form.
+
+    Subclasses set ``name`` and ``stage``, may declare ``defaults`` (the pass's
+    options and their default values) and implement :meth:`apply`.
+    """
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage]
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **config: Any) -> None:
+        unknown = sorted(set(config) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"diffopt: pass {self.name!r} has no option(s) {unknown}; it has {sorted(self.defaults)}")
+        self.config = {**self.defaults, **config}
+
+    def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """Changes when the pass's code or its options change (for Inductor's FX graph cache)."""
+        source = inspect.getsource(sys.modules[type(self).__module__])
+        return hashlib.sha256(f"{source}{sorted(self.config.items())!r}".encode()).hexdigest()
+
+
+# --- FX helpers -----------------------------------------------------------------
+
+
+def fake_value(node: Any) -> Any:
+    """The fake tensor (or value) a node produces, if the graph recorded it."""
+    if not isinstance(node, fx.Node):
+        return node
+    meta = node.meta
+    return meta["val"] if "val" in meta else meta.get("example_value")
+
+
+def insert_call(graph: fx.Graph, target: Callable[..., Any], args: tuple, origin: fx.Node, kwargs: dict | None = None) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` at the graph's insertion point.
+
+    The new node gets a fake value computed from its inputs' fake values (so
+    later passes and Inductor see correct shapes and strides), and the stack
+    trace and module stack of ``origin`` (so reports point at the user's code).
+    """
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    fake_args, fake_kwargs = fx.node.map_aggregate((args, kwargs), fake_value)
+    mode = detect_fake_mode(_leaves(fake_args, fake_kwargs))
+    if mode is not None:
+        with mode:
+            node.meta["val"] = target(*fake_args, **fake_kwargs)
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr"):
+        if key in origin.meta:
+            node.meta[key] = origin.meta[key]
+    return node
+
+
+def _leaves(*trees: Any) -> list[Any]:
+    leaves: list[Any] = []
+    fx.node.map_aggregate(trees, lambda v: leaves.append(v))
+    return [v for v in leaves if isinstance(v, torch.Tensor)]
+
+
+def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
+    """Erase those of ``nodes`` that nothing uses any more, users before producers."""
+    candidates = set(nodes)
+    for node in reversed(graph.nodes):
+        if node in candidates and not node.users:
+            graph.erase_node(node)
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def source_line(node: fx.Node) -> str:
+    """``file.py:123 code`` of the innermost user frame that produced the node."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = trace.rstrip().splitlines()
+    for index in range(len(lines) - 1, -1, -1):
+        match = _FRAME.search(lines[index])
+        if match:
+            code = lines[index + 1].strip() if index + 1 < len(lines) else ""
+            filename = match.group(1).rsplit("/", 1)[-1]
+            return f"{filename}:{match.group(2)} {code}".strip()
+    return ""
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost ``nn.Module`` the node came from (``""`` at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # Dynamo spells paths as L['self'].layers[0].attn or L__self___layers_0_attn.
+    path = re.sub(r"^L\['self'\]\.?", "", str(path))
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.lstrip(".")

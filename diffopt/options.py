@@ -1,0 +1,74 @@
+"""The backend's options, parsed once from the dict given to ``torch.compile``.
+
+``torch.compile(model, backend="diffopt", options={...})`` hands the dict to the
+backend as ``options=``. Recognised keys:
+
+``passes``
+    ``{pass_name: bool | dict}``. ``False`` turns a pass off, ``True`` keeps it
+    on with its defaults, a dict turns it on with those pass options. Passes not
+    named keep their default (every pass is on by default).
+``inductor``
+    ``True`` (default): the rewritten graph is compiled by Inductor. ``False``:
+    rewrites only; the graph is lowered to ATen with Inductor's decompositions,
+    the post-grad passes run on it, and it runs as it is (for debugging, and to
+    measure a rewrite on its own).
+``strict``
+    ``False`` (default): a pass that raises is logged as a warning and the graph
+    compiles without it. ``True``: the error propagates (for tests).
+``inductor_config``
+    Inductor config patches applied while this backend compiles (the same keys
+    ``torch.compile(options=...)`` takes with the inductor backend).
+
+Unknown keys and unknown pass names are errors: a typo must not silently do
+nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+_KEYS = ("passes", "inductor", "strict", "inductor_config")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    pass_settings: tuple[tuple[str, bool, tuple[tuple[str, Any], ...]], ...] = ()
+    inductor: bool = True
+    strict: bool = False
+    inductor_config: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None, known_passes: Mapping[str, Any]) -> "Options":
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"diffopt: unknown option(s) {unknown}; known: {list(_KEYS)}")
+        settings = []
+        for name, value in dict(options.get("passes") or {}).items():
+            if name not in known_passes:
+                raise ValueError(f"diffopt: unknown pass {name!r}; known: {sorted(known_passes)}")
+            if isinstance(value, bool):
+                settings.append((name, value, ()))
+            elif isinstance(value, Mapping):
+                settings.append((name, True, tuple(sorted(value.items()))))
+            else:
+                raise TypeError(f"diffopt: passes[{name!r}] must be a bool or a dict, got {type(value).__name__}")
+        return cls(
+            pass_settings=tuple(sorted(settings)),
+            inductor=bool(options.get("inductor", True)),
+            strict=bool(options.get("strict", False)),
+            inductor_config=tuple(sorted(dict(options.get("inductor_config") or {}).items())),
+        )
+
+    def pass_enabled(self, name: str) -> bool:
+        for setting_name, enabled, _ in self.pass_settings:
+            if setting_name == name:
+                return enabled
+        return True
+
+    def pass_config(self, name: str) -> dict[str, Any]:
+        for setting_name, _, config in self.pass_settings:
+            if setting_name == name:
+                return dict(config)
+        return {}

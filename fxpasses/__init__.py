@@ -1,0 +1,9 @@
+"""The rewrites, one file each. ``PIPELINE`` is the order they run in (within a stage).
+
+Adding a pass: a new file here with a ``GraphPass`` subclass, plus its line below.
+"""
+from .split_contiguous import SplitContiguous
+
+PIPELINE = [
+    SplitContiguous,
+]

@@ -1,0 +1,261 @@
+"""Triton kernel for ``diffopt::qk_norm_rope``: fused RMSNorm of q and k + RoPE, one read and one write.
+
+Layout of the work: a 1D grid; each program handles one token (b, s) and either
+
+* norm_over="head": one block of ``BH`` heads of q or of k ([BH, D] tile; per-head RMS is a row sum);
+* norm_over="hidden": all heads of q or of k for that token (RMS over H*D). If the padded row
+  fits one tile it is done in one pass; otherwise it loops over head blocks twice (sum of
+  squares, then normalize+rotate+store); the second read of the row hits L2.
+
+Program ids are ordered token-major (the blocks of one token are adjacent programs), so the token's
+cos/sin row is read from DRAM once and reused from cache by all its programs.
+
+Each head's channels are handled as rotation pairs (a, b) plus pass-through channels p:
+neox pairs are (j, j+h) loaded as two contiguous halves; interleaved pairs (2j, 2j+1) are loaded as
+one contiguous tile and split with reshape/split (stored back with join/reshape), so all global
+accesses are contiguous and vectorizable when the channel stride is 1. Everything is loaded in its
+own dtype, converted to fp32, computed in fp32 and rounded once on store (this is also what makes
+the kernel correct under TRITON_INTERPRET=1). Offsets that can exceed 2**31 are int64.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import check_qk_norm_rope_args
+
+__all__ = ["qk_norm_rope_triton", "choose_config"]
+
+
+@triton.jit
+def _load_tile(ptr, s_h, s_d, h0, H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr,
+               HALF: tl.constexpr, HB: tl.constexpr, PB: tl.constexpr, INTERLEAVED: tl.constexpr,
+               HAS_PASS: tl.constexpr):
+    """Load heads [h0, h0+BH) of one token as fp32 (a, b, p): rotation pairs and pass-through channels."""
+    hh = h0 + tl.arange(0, BH)
+    hm = (hh < H)[:, None]
+    row = ptr + hh.to(tl.int64)[:, None] * s_h
+    if INTERLEAVED:
+        c = tl.arange(0, 2 * HB)
+        x = tl.load(row + c[None, :] * s_d, mask=hm & (c < ROPE_DIM)[None, :], other=0.0).to(tl.float32)
+        a, b = tl.split(tl.reshape(x, [BH, HB, 2]))
+    else:
+        j = tl.arange(0, HB)
+        m = hm & (j < HALF)[None, :]
+        a = tl.load(row + j[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(row + (j + HALF)[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
+    if HAS_PASS:
+        pc = tl.arange(0, PB)
+        p = tl.load(row + (ROPE_DIM + pc)[None, :] * s_d, mask=hm & (pc < D - ROPE_DIM)[None, :],
+                    other=0.0).to(tl.float32)
+    else:
+        p = tl.zeros([BH, PB], dtype=tl.float32)
+    return a, b, p
+
+
+@triton.jit
+def _finish_tile(o_ptr, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2,
+                 H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr, HALF: tl.constexpr,
+                 HB: tl.constexpr, PB: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr,
+                 HIDDEN: tl.constexpr, HAS_W: tl.constexpr):
+    """Scale by rstd (and the weight), rotate, round once and store heads [h0, h0+BH) of the token's
+    contiguous output row o_ptr."""
+    a = a * rstd
+    b = b * rstd
+    p = p * rstd
+    if HAS_W:
+        if HIDDEN:  # weight [H*D]: its own value per head and channel
+            wa, wb, wp = _load_tile(w_ptr, D, 1, h0, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS)
+        else:  # weight [D]: one row, broadcast over the heads
+            wa, wb, wp = _load_tile(w_ptr, 0, 1, 0, 1, 1, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS)
+        a = a * wa
+        b = b * wb
+        p = p * wp
+    oa = a * c1 - b * s1
+    ob = b * c2 + a * s2
+    dt = o_ptr.dtype.element_ty
+    hh = h0 + tl.arange(0, BH)
+    hm = (hh < H)[:, None]
+    row = o_ptr + hh[:, None] * D
+    if INTERLEAVED:
+        c = tl.arange(0, 2 * HB)
+        x = tl.reshape(tl.join(oa, ob), [BH, 2 * HB])
+        tl.store(row + c[None, :], x.to(dt), mask=hm & (c < ROPE_DIM)[None, :])
+    else:
+        j = tl.arange(0, HB)
+        m = hm & (j < HALF)[None, :]
+        tl.store(row + j[None, :], oa.to(dt), mask=m)
+        tl.store(row + (j + HALF)[None, :], ob.to(dt), mask=m)
+    if HAS_PASS:
+        pc = tl.arange(0, PB)
+        tl.store(row + (ROPE_DIM + pc)[None, :], p.to(dt), mask=hm & (pc < D - ROPE_DIM)[None, :])
+
+
+@triton.jit
+def _norm_rope_heads(x_ptr, o_ptr, w_ptr, s_h, s_d, h0, eps, c1, s1, c2, s2,
+                     H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr,
+                     HALF: tl.constexpr, HB: tl.constexpr, PB: tl.constexpr, INTERLEAVED: tl.constexpr,
+                     HAS_PASS: tl.constexpr, HIDDEN: tl.constexpr, HAS_W: tl.constexpr):
+    if HIDDEN:
+        NHB: tl.constexpr = (H + BH - 1) // BH
+        if NHB == 1:  # the whole token row in one tile: one pass
+            a, b, p = _load_tile(x_ptr, s_h, s_d, 0, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS)
+            ss = tl.sum(a * a) + tl.sum(b * b)
+            if HAS_PASS:
+                ss += tl.sum(p * p)
+            rstd = tl.rsqrt(ss / (H * D) + eps)
+            _finish_tile(o_ptr, w_ptr, 0, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB, PB,
+                         INTERLEAVED, HAS_PASS, HIDDEN, HAS_W)
+        else:  # two passes over head blocks: sum of squares, then normalize + rotate + store
+            ss = tl.zeros([BH], dtype=tl.float32)
+            for i in tl.static_range(NHB):
+                a, b, p = _load_tile(x_ptr, s_h, s_d, i * BH, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED,
+                                     HAS_PASS)
+                ss += tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)
+                if HAS_PASS:
+                    ss += tl.sum(p * p, axis=1)
+            rstd = tl.rsqrt(tl.sum(ss) / (H * D) + eps)
+            for i in tl.static_range(NHB):
+                a, b, p = _load_tile(x_ptr, s_h, s_d, i * BH, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED,
+                                     HAS_PASS)
+                _finish_tile(o_ptr, w_ptr, i * BH, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB,
+                             PB, INTERLEAVED, HAS_PASS, HIDDEN, HAS_W)
+    else:  # per-head RMS over D: a row sum of the tile
+        a, b, p = _load_tile(x_ptr, s_h, s_d, h0, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS)
+        ss = tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)
+        if HAS_PASS:
+            ss += tl.sum(p * p, axis=1)
+        rstd = tl.rsqrt(ss / D + eps)[:, None]
+        _finish_tile(o_ptr, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB, PB,
+                     INTERLEAVED, HAS_PASS, HIDDEN, HAS_W)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
+    S, s_qb, s_qs, s_qh, s_qd, s_kb, s_ks, s_kh, s_kd,
+    s_cb, s_cs, s_cl, s_sb, s_ss, s_sl, s_pb, s_ps,
+    q_eps, k_eps,
+    HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr, HALF: tl.constexpr,
+    HB: tl.constexpr, PB: tl.constexpr, BHQ: tl.constexpr, BHK: tl.constexpr, NQB: tl.constexpr,
+    NB: tl.constexpr, HIDDEN: tl.constexpr, INTERLEAVED: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_POS: tl.constexpr, HAS_PASS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // NB  # token index b*S + s
+    blk = (pid - t * NB).to(tl.int32)  # which head block of q (blk < NQB) or of k
+    bi = t // S
+    si = t - bi * S
+    if HAS_POS:  # [P, L] cache rows picked by positions[b, s]; the launcher puts P's stride in s_cs/s_ss
+        prow = tl.load(pos_ptr + bi * s_pb + si * s_ps).to(tl.int64)
+        crow = cos_ptr + prow * s_cs
+        srow = sin_ptr + prow * s_ss
+    else:
+        crow = cos_ptr + bi * s_cb + si * s_cs
+        srow = sin_ptr + bi * s_sb + si * s_ss
+    j = tl.arange(0, HB)
+    jm = j < HALF
+    c1 = tl.load(crow + j * s_cl, mask=jm, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(srow + j * s_sl, mask=jm, other=0.0).to(tl.float32)[None, :]
+    if PER_CHANNEL:  # neox, one entry per channel: channel j + HALF has its own
+        c2 = tl.load(crow + (j + HALF) * s_cl, mask=jm, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(srow + (j + HALF) * s_sl, mask=jm, other=0.0).to(tl.float32)[None, :]
+    else:
+        c2 = c1
+        s2 = s1
+    if blk < NQB:
+        _norm_rope_heads(q_ptr + bi * s_qb + si * s_qs, qo_ptr + t * (HQ * D), qw_ptr, s_qh, s_qd, blk * BHQ,
+                         q_eps, c1, s1, c2, s2, HQ, BHQ, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS, HIDDEN,
+                         HAS_QW)
+    else:
+        _norm_rope_heads(k_ptr + bi * s_kb + si * s_ks, ko_ptr + t * (HK * D), kw_ptr, s_kh, s_kd,
+                         (blk - NQB) * BHK, k_eps, c1, s1, c2, s2, HK, BHK, D, ROPE_DIM, HALF, HB, PB,
+                         INTERLEAVED, HAS_PASS, HIDDEN, HAS_KW)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def choose_config(Hq: int, Hk: int, D: int, norm_over: str) -> dict:
+    """Block sizes and warps by formula (no autotuning).
+
+    block_hq/block_hk: heads per tile of q/k. "head": the largest power of two <= 16 that wastes
+    no padded heads where possible, capped so a tile holds about 2048 elements. "hidden": the whole
+    padded row in one tile (one pass) while it holds <= 8192 elements, else 8-head blocks (two passes).
+    """
+    dp = _pow2(D)
+    if norm_over == "hidden":
+        def bh(H):
+            return _pow2(H) if _pow2(H) * dp <= 8192 else max(1, 1024 // dp)
+        bq, bk = bh(Hq), bh(Hk)
+        elems = max(min(bq, _pow2(Hq)), min(bk, _pow2(Hk))) * dp
+        warps = 4 if elems <= 1024 else 8 if elems <= 4096 else 16
+        return dict(block_hq=bq, block_hk=bk, num_warps=warps)
+    cap = max(1, 2048 // dp)
+
+    def bh(H):
+        best = 1
+        for c in (1, 2, 4, 8, 16):
+            if c > cap:
+                break
+            if H % c == 0 or c <= H and (-H % c) * 4 <= H:  # no padding, or at most 25% padded heads
+                best = c
+        return best
+
+    bq, bk = bh(Hq), bh(Hk)
+    elems = max(bq, bk) * dp
+    return dict(block_hq=bq, block_hk=bk, num_warps=4 if elems > 512 else 2)
+
+
+def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                        cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None, *, norm_over: str,
+                        rope_style: str, rope_dim: int, q_eps: float, k_eps: float,
+                        config: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """Launch the fused kernel directly (same arguments and result as ``torch.ops.diffopt.qk_norm_rope``).
+
+    Works on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before triton kernels
+    were defined. ``config`` overrides ``choose_config`` (keys block_hq, block_hk, num_warps).
+    """
+    info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim)
+    B, S, Hq, Hk, D, rd, L = info.B, info.S, info.Hq, info.Hk, info.D, info.rope_dim, info.table_len
+    qo = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    ko = torch.empty((B, S, Hk, D), dtype=k.dtype, device=k.device)
+    if B * S == 0 or Hq * Hk == 0:
+        return qo, ko
+    hidden = norm_over == "hidden"
+    cfg = dict(choose_config(Hq, Hk, D, norm_over))
+    cfg.update(config or {})
+    bhq, bhk = int(cfg["block_hq"]), int(cfg["block_hk"])
+    nqb = 1 if hidden else triton.cdiv(Hq, bhq)
+    nb = 2 if hidden else nqb + triton.cdiv(Hk, bhk)
+
+    if positions is not None:
+        pos = positions.reshape(-1, S).expand(B, S)
+        s_pb, s_ps = pos.stride()
+        cs = (0, cos.stride(0), cos.stride(1))
+        ss = (0, sin.stride(0), sin.stride(1))
+    else:
+        pos, s_pb, s_ps = cos, 0, 0  # pos_ptr unused
+        ce, se = cos.expand(B, S, 1, L), sin.expand(B, S, 1, L)
+        cs = (ce.stride(0), ce.stride(1), ce.stride(3))
+        ss = (se.stride(0), se.stride(1), se.stride(3))
+    qw = q_weight.contiguous() if q_weight is not None else qo
+    kw = k_weight.contiguous() if k_weight is not None else ko
+    half = rd // 2
+    grid = (B * S * nb,)
+    _qk_norm_rope_kernel[grid](
+        q, k, qo, ko, qw, kw, cos, sin, pos,
+        S, *q.stride(), *k.stride(), *cs, *ss, s_pb, s_ps,
+        float(q_eps), float(k_eps),
+        HQ=Hq, HK=Hk, D=D, ROPE_DIM=rd, HALF=half, HB=_pow2(half), PB=_pow2(D - rd), BHQ=bhq, BHK=bhk,
+        NQB=nqb, NB=nb, HIDDEN=hidden, INTERLEAVED=rope_style == "interleaved", PER_CHANNEL=info.per_channel,
+        HAS_QW=q_weight is not None, HAS_KW=k_weight is not None, HAS_POS=positions is not None,
+        HAS_PASS=rd < D, num_warps=int(cfg["num_warps"]),
+    )
+    return qo, ko

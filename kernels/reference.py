@@ -1,0 +1,141 @@
+"""Plain-torch reference implementations of diffopt's kernels.
+
+These functions are THE SPEC of the ops in ``torch.ops.diffopt``: every
+accelerated kernel is tested against them, and they are also what the ops run
+on CPU (including inside ``torch.compile``'d graphs on CPU). They are written
+for clarity, not speed: load in the input dtype, do all math in float32, round
+once to the output dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["QKNormRopeShape", "check_qk_norm_rope_args", "qk_norm_rope_reference", "rope_tables"]
+
+NORM_OVER = ("head", "hidden")
+ROPE_STYLES = ("neox", "interleaved")
+
+
+@dataclass(frozen=True)
+class QKNormRopeShape:
+    B: int
+    S: int
+    Hq: int
+    Hk: int
+    D: int
+    rope_dim: int
+    table_len: int  # L: last dim of cos/sin
+    per_channel: bool  # True: L == rope_dim (neox only); False: L == rope_dim // 2 (one entry per pair)
+
+
+def check_qk_norm_rope_args(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                            cos: Tensor, sin: Tensor, positions: Optional[Tensor], norm_over: str,
+                            rope_style: str, rope_dim: int) -> QKNormRopeShape:
+    """Validate the arguments of ``diffopt::qk_norm_rope`` and return the problem's shape.
+
+    Raises ``ValueError`` on anything outside the op's contract (see ``qk_norm_rope_reference``).
+    """
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"diffopt.qk_norm_rope: {msg}")
+
+    need(norm_over in NORM_OVER, f"norm_over must be one of {NORM_OVER}, got {norm_over!r}")
+    need(rope_style in ROPE_STYLES, f"rope_style must be one of {ROPE_STYLES}, got {rope_style!r}")
+    need(q.dim() == 4 and k.dim() == 4, f"q and k must be [B, S, H, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, S, Hq, D = q.shape
+    need(k.shape[0] == B and k.shape[1] == S and k.shape[3] == D,
+         f"k {tuple(k.shape)} must match q {tuple(q.shape)} in B, S and D")
+    Hk = k.shape[2]
+    float_types = (torch.float32, torch.bfloat16, torch.float16)
+    need(q.dtype in float_types and k.dtype in float_types, f"q/k dtype must be fp32/bf16/fp16, got {q.dtype}/{k.dtype}")
+    if rope_dim == -1:
+        rope_dim = D
+    need(2 <= rope_dim <= D and rope_dim % 2 == 0, f"rope_dim must be even and in [2, D={D}], got {rope_dim}")
+    for name, w, H in (("q_weight", q_weight, Hq), ("k_weight", k_weight, Hk)):
+        if w is not None:
+            n = D if norm_over == "head" else H * D
+            need(w.numel() == n and w.dim() == 1, f"{name} must have shape [{n}] for norm_over={norm_over!r}, "
+                 f"got {tuple(w.shape)}")
+            need(w.dtype in float_types, f"{name} dtype must be fp32/bf16/fp16, got {w.dtype}")
+    need(cos.shape == sin.shape, f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+    need(cos.dtype in float_types and sin.dtype in float_types, "cos/sin must be fp32/bf16/fp16")
+    L = cos.shape[-1] if cos.dim() > 0 else -1
+    per_channel = L == rope_dim
+    need(L == rope_dim // 2 or (per_channel and rope_style == "neox"),
+         f"cos/sin last dim must be rope_dim/2={rope_dim // 2} (one entry per pair)"
+         + (f" or rope_dim={rope_dim} (one per channel)" if rope_style == "neox" else "") + f", got {L}")
+    if positions is not None:
+        need(cos.dim() == 2, f"with positions, cos/sin must be [P, L] caches, got {tuple(cos.shape)}")
+        need(not positions.is_floating_point() and not positions.is_complex(), "positions must be an integer tensor")
+        need(tuple(positions.shape) in ((B, S), (S,)) or (positions.dim() == 2 and positions.shape[0] == 1
+                                                           and positions.shape[1] == S),
+             f"positions must be [B, S] or [S], got {tuple(positions.shape)}")
+    else:
+        need(cos.dim() <= 4, f"cos/sin must broadcast to [B, S, 1, L], got {tuple(cos.shape)}")
+        try:
+            ok = torch.broadcast_shapes(tuple(cos.shape), (B, S, 1, L)) == (B, S, 1, L)
+        except RuntimeError:
+            ok = False
+        need(ok, f"cos/sin {tuple(cos.shape)} must broadcast to [B, S, 1, L]=[{B}, {S}, 1, {L}]")
+    return QKNormRopeShape(B, S, Hq, Hk, D, rope_dim, L, per_channel)
+
+
+def rope_tables(cos: Tensor, sin: Tensor, positions: Optional[Tensor], B: int, S: int) -> tuple[Tensor, Tensor]:
+    """cos/sin as float32 tensors broadcastable to [B, S, 1, L] (their values unchanged: a bf16 table's
+    values are the bf16 values). With ``positions``, rows of the [P, L] caches are gathered."""
+    if positions is not None:
+        pos = positions.long().reshape(-1, S)  # [B or 1, S]
+        cos, sin = cos[pos].unsqueeze(2), sin[pos].unsqueeze(2)  # [B|1, S, 1, L]
+    return cos.float(), sin.float()
+
+
+def _norm_rope_one(x: Tensor, w: Optional[Tensor], eps: float, cos: Tensor, sin: Tensor,
+                   norm_over: str, rope_style: str, rope_dim: int) -> Tensor:
+    B, S, H, D = x.shape
+    xf = x.float()
+    # RMSNorm, fp32: per head (over D) or over the whole token (over H*D, the Wan form).
+    dims = (-1,) if norm_over == "head" else (-2, -1)
+    xf = xf * torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
+    if w is not None:
+        xf = xf * w.float().view(-1 if norm_over == "head" else H, D)
+    # RoPE on the first rope_dim channels of each head; the rest pass through (normed).
+    rot, rest = xf[..., :rope_dim], xf[..., rope_dim:]
+    half = rope_dim // 2
+    if rope_style == "neox":
+        if cos.shape[-1] == half:  # one entry per pair: channel j and j + half share it
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rot = torch.cat([x1 * cos[..., :half] - x2 * sin[..., :half],
+                         x2 * cos[..., half:] + x1 * sin[..., half:]], -1)
+    else:  # interleaved pairs (2j, 2j+1), one table entry per pair
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+    return torch.cat([rot, rest], -1).to(x.dtype).contiguous()
+
+
+def qk_norm_rope_reference(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                           cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None, *,
+                           norm_over: str, rope_style: str, rope_dim: int, q_eps: float,
+                           k_eps: float) -> tuple[Tensor, Tensor]:
+    """Reference for ``torch.ops.diffopt.qk_norm_rope``: RMSNorm of q and of k, then RoPE.
+
+    q [B, S, Hq, D], k [B, S, Hk, D] (any strides, Hq != Hk allowed), fp32/bf16/fp16.
+    norm_over "head": RMS over D of each head, weight [D]; "hidden": RMS over all H*D channels of
+    the token (the norm before the head split), weight [H*D]. Weights may be None (no affine).
+    Each tensor uses its own eps. rope_dim (-1 = D): only the first rope_dim channels of each head
+    rotate, the others pass through normed.
+    rope_style "neox" (half split, h = rope_dim/2): out[i] = x[i]*cos[i] - x[i+h]*sin[i] (i < h),
+    out[i] = x[i]*cos[i] + x[i-h]*sin[i] (h <= i < rope_dim); with per-pair tables (L = h) entry j
+    serves channels j and j+h. "interleaved": out[2j] = x[2j]*c[j] - x[2j+1]*s[j],
+    out[2j+1] = x[2j]*s[j] + x[2j+1]*c[j], per-pair tables (L = h).
+    cos/sin broadcast to [B, S, 1, L] (L = rope_dim or rope_dim/2), or are [P, L] caches indexed by
+    ``positions`` ([B, S] or [S] integers). Returns new contiguous (q_out, k_out) in q's/k's dtype.
+    """
+    info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim)
+    c, s = rope_tables(cos, sin, positions, info.B, info.S)
+    args = (c, s, norm_over, rope_style, info.rope_dim)
+    return _norm_rope_one(q, q_weight, q_eps, *args), _norm_rope_one(k, k_weight, k_eps, *args)
