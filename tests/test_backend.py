@@ -1,0 +1,178 @@
+"""The backend itself: options, entry point, both stages, failure isolation, cache key, report."""
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.fx as fx
+
+import diffopt
+import diffopt.fxpasses
+from diffopt.graph_pass import GraphPass, Stage
+from diffopt.options import Options
+from diffopt.pipeline import Pipeline, registered_passes
+from diffopt.testing import count_ops, trace
+
+
+def packed_qkv_attention(x, w):
+    # A packed projection split into q/k/v, each made contiguous: the split_contiguous stock form.
+    B, S, _ = x.shape
+    q, k, v = torch.nn.functional.linear(x, w).split([32, 16, 16], dim=-1)
+    q = q.contiguous().view(B, S, 4, 8)
+    k = k.contiguous().view(B, S, 2, 8)
+    v = v.contiguous().view(B, S, 2, 8)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+    ).sum(1)
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 6, 24, generator=g), torch.randn(64, 24, generator=g) / 5
+
+
+class RaisingPass(GraphPass):
+    """Matches nothing; half-rewrites the graph, then raises (a buggy pass)."""
+
+    name = "raising"
+    stage = Stage.POST_GRAD
+
+    def apply(self, graph, log):
+        first = next(n for n in graph.nodes if n.op == "call_function")
+        with graph.inserting_after(first):
+            graph.call_function(torch.ops.aten.neg.default, (first,))
+        raise RuntimeError("deliberate failure")
+
+
+class PreGradMarker(GraphPass):
+    """Counts the Dynamo graph's call_function nodes (checks the pre-grad stage runs on the Dynamo graph)."""
+
+    name = "pre_grad_marker"
+    stage = Stage.PRE_GRAD
+
+    def apply(self, graph, log):
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target is torch._C._nn.linear:
+                log.add(node, replaced="linear", by="linear")
+
+
+@pytest.fixture
+def extra_passes(monkeypatch):
+    monkeypatch.setattr(diffopt.fxpasses, "PIPELINE", [RaisingPass, PreGradMarker, *diffopt.fxpasses.PIPELINE])
+
+
+def test_unknown_options_are_errors():
+    with pytest.raises(ValueError, match="unknown option"):
+        Options.parse({"pases": {}}, registered_passes())
+    with pytest.raises(ValueError, match="unknown pass"):
+        Options.parse({"passes": {"split_contigous": False}}, registered_passes())
+    with pytest.raises(ValueError, match="no option"):
+        Pipeline(Options.parse({"passes": {"split_contiguous": {"depth": 3}}}, registered_passes()))
+
+
+@torch.no_grad()
+def test_passes_can_be_turned_off(inputs):
+    on = trace(packed_qkv_attention, *inputs)
+    off = trace(packed_qkv_attention, *inputs, options={"passes": {"split_contiguous": False}})
+    assert on.report.matches("split_contiguous") == 3
+    assert [run.pass_name for run in off.report.runs] == []
+    torch.testing.assert_close(on.output, packed_qkv_attention(*inputs))
+    torch.testing.assert_close(off.output, packed_qkv_attention(*inputs))
+
+
+@torch.no_grad()
+def test_failing_pass_is_skipped_with_a_warning(extra_passes, inputs, caplog):
+    with caplog.at_level(logging.WARNING, logger="diffopt"):
+        result = trace(packed_qkv_attention, *inputs, options={"strict": False})
+    assert any("raising" in r.getMessage() and "deliberate failure" in r.getMessage() for r in caplog.records)
+    [failed] = result.report.failures()
+    assert failed.pass_name == "raising" and failed.matches == 0
+    # The half-done rewrite was rolled back: the graph the next pass saw has no neg.
+    assert count_ops(result.before("split_contiguous"))["aten.neg.default"] == 0
+    assert result.report.matches("split_contiguous") == 3
+    torch.testing.assert_close(result.output, packed_qkv_attention(*inputs))
+
+
+@torch.no_grad()
+def test_failing_pass_raises_when_strict(extra_passes, inputs):
+    with pytest.raises(Exception, match="deliberate failure"):
+        trace(packed_qkv_attention, *inputs, options={"strict": True})
+
+
+@torch.no_grad()
+def test_pre_grad_passes_see_the_dynamo_graph(extra_passes, inputs):
+    result = trace(packed_qkv_attention, *inputs, options={"passes": {"raising": False}})
+    assert result.report.matches("pre_grad_marker") == 1
+    assert {run.stage for run in result.report.runs} == {"pre_grad", "post_grad"}
+
+
+@torch.no_grad()
+def test_inductor_path_runs_the_passes_and_matches_eager(inputs):
+    report = diffopt.explain(packed_qkv_attention, *inputs)
+    assert report.matches("split_contiguous") == 3
+    torch.testing.assert_close(report.output, packed_qkv_attention(*inputs))
+
+
+def test_uuid_changes_with_options_and_code(monkeypatch):
+    def fingerprint(options):
+        return Pipeline(Options.parse(options, registered_passes())).fingerprint()
+
+    base = fingerprint({})
+    assert fingerprint({}) == base
+    assert fingerprint({"passes": {"split_contiguous": False}}) != base
+    assert fingerprint({"strict": True}) != base
+    # A change to a pass's code changes the key.
+    cls = registered_passes()["split_contiguous"]
+    monkeypatch.setattr(cls, "fingerprint", lambda self: "edited")
+    assert fingerprint({}) != base
+
+
+def test_uuid_is_stable_across_processes():
+    code = "from diffopt.options import Options; from diffopt.pipeline import Pipeline, registered_passes; " \
+           "print(Pipeline(Options.parse({}, registered_passes())).fingerprint())"
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert len(runs) == 1 and len(runs.pop().strip()) == 64
+
+
+def test_backend_by_name_in_a_fresh_process():
+    code = textwrap.dedent(
+        """
+        import logging, torch
+        logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+        def f(x, w):
+            q, k = torch.nn.functional.linear(x, w).split([8, 8], -1)
+            return q.contiguous().view(2, 3, 2, 4).sin() + k.contiguous().view(2, 3, 2, 4).cos()
+        x, w = torch.randn(2, 3, 5), torch.randn(16, 5)
+        with torch.no_grad():
+            out = torch.compile(f, backend="diffopt", options={"inductor": False})(x, w)
+        torch.testing.assert_close(out, f(x, w))
+        print("ok")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "ok" in run.stdout
+    assert "diffopt diffopt: graph 0 post_grad split_contiguous: 2 rewrite(s)" in run.stderr
+
+
+@torch.no_grad()
+def test_report_names_the_source_line(inputs):
+    report = diffopt.explain(packed_qkv_attention, *inputs, options={"inductor": False})
+    text = str(report)
+    assert "split_contiguous" in text and "post_grad" in text
+    sources = {r.source for r in report.rewrites}
+    assert all(s.startswith("test_backend.py:") and "contiguous()" in s for s in sources), sources
+    assert len(report.rewrites) == 3
+
+
+def test_every_pass_documents_its_forms():
+    import sys
+
+    for cls in registered_passes().values():
+        assert isinstance(cls.stage, Stage)
+        doc = sys.modules[cls.__module__].__doc__ or ""
+        for heading in ("Stock form", "Optimized form", "Preconditions"):
+            assert heading in doc, (cls.name, heading)
