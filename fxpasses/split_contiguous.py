@@ -21,7 +21,8 @@ Preconditions (all proven on the graph's fake tensors, else no rewrite):
   what it computed from the copy: each recomputed consumer either produces the
   same sizes and strides as before, or is a functional ATen op whose own
   consumers satisfy this. A ``view`` that the strided layout does not allow
-  (merging dims the split made non-adjacent, say) fails this.
+  (merging dims the split made non-adjacent, say) fails this, and so does a
+  ``reshape`` that would copy the strided tensor (the copy would only move).
 - Consumers: no graph output, mutating op, op with a fixed-stride contract, or
   non-ATen call is reached through a changed layout (those need the memory as
   it was).
@@ -37,6 +38,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value
 
@@ -106,6 +108,10 @@ def _same_layout(a: object, b: object) -> bool:
     return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)
 
 
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
+
+
 def _functional_aten(target: object) -> bool:
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
         return False
@@ -135,6 +141,8 @@ def _consumers_accept(node: fx.Node, new_value: object, updates: dict, depth: in
             user_value = user.target(*args, **kwargs)
         except Exception:  # the op rejects the layout (an impossible view, say)
             return False
+        if user.target is aten.reshape.default and not _aliases(user_value, new_value):
+            return False  # the reshape would copy: the copy only moves
         if _same_layout(user_value, fake_value(user)):
             continue
         updates[user] = user_value

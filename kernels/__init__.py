@@ -1,4 +1,8 @@
-"""diffopt's kernels. Importing this package registers the ``torch.ops.diffopt`` ops."""
+"""diffopt's kernels. Importing this package registers the ``torch.ops.diffopt`` ops.
+
+- ``torch.ops.diffopt.qk_norm_rope``: fused QK RMSNorm + RoPE (``kernels/qk_norm_rope.py``);
+  reference ``diffopt.kernels.reference.qk_norm_rope_reference``; Triton launcher
+  ``diffopt.kernels.qk_norm_rope_triton.qk_norm_rope_triton``.
+"""
 from . import qk_norm_rope  # noqa: F401  registers torch.ops.diffopt.qk_norm_rope
-from .qk_norm_rope import qk_norm_rope_triton  # noqa: F401
-from .reference import qk_norm_rope_reference  # noqa: F401
+from . import reference  # noqa: F401

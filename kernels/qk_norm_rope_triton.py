@@ -35,34 +35,49 @@ __all__ = ["qk_norm_rope_triton", "choose_config"]
 @triton.jit
 def _load_tile(ptr, s_h, s_d, h0, H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr,
                HALF: tl.constexpr, HB: tl.constexpr, PB: tl.constexpr, INTERLEAVED: tl.constexpr,
-               HAS_PASS: tl.constexpr):
-    """Load heads [h0, h0+BH) of one token as fp32 (a, b, p): rotation pairs and pass-through channels."""
+               HAS_PASS: tl.constexpr, EVICT: tl.constexpr):
+    """Load heads [h0, h0+BH) of one token as fp32 (a, b, p): rotation pairs and pass-through channels.
+    EVICT: L2 eviction policy hint ("" = default)."""
     hh = h0 + tl.arange(0, BH)
     hm = (hh < H)[:, None]
     row = ptr + hh.to(tl.int64)[:, None] * s_h
     if INTERLEAVED:
         c = tl.arange(0, 2 * HB)
-        x = tl.load(row + c[None, :] * s_d, mask=hm & (c < ROPE_DIM)[None, :], other=0.0).to(tl.float32)
+        x = tl.load(row + c[None, :] * s_d, mask=hm & (c < ROPE_DIM)[None, :], other=0.0,
+                    eviction_policy=EVICT).to(tl.float32)
         a, b = tl.split(tl.reshape(x, [BH, HB, 2]))
     else:
         j = tl.arange(0, HB)
         m = hm & (j < HALF)[None, :]
-        a = tl.load(row + j[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(row + (j + HALF)[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(row + j[None, :] * s_d, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        b = tl.load(row + (j + HALF)[None, :] * s_d, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
     if HAS_PASS:
         pc = tl.arange(0, PB)
         p = tl.load(row + (ROPE_DIM + pc)[None, :] * s_d, mask=hm & (pc < D - ROPE_DIM)[None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0, eviction_policy=EVICT).to(tl.float32)
     else:
         p = tl.zeros([BH, PB], dtype=tl.float32)
     return a, b, p
 
 
 @triton.jit
+def _to_out(x, dt: tl.constexpr, MANUAL_RNE: tl.constexpr):
+    """Round fp32 to the output dtype. MANUAL_RNE (set for CPU tensors, i.e. TRITON_INTERPRET=1 only):
+    the interpreter truncates fp32->bf16 instead of rounding to nearest even as the GPU does, so round
+    by hand there to keep interpreter results identical to the GPU's."""
+    if MANUAL_RNE and dt == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dt)
+
+
+@triton.jit
 def _finish_tile(o_ptr, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2,
                  H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr, HALF: tl.constexpr,
                  HB: tl.constexpr, PB: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr,
-                 HIDDEN: tl.constexpr, HAS_W: tl.constexpr):
+                 HIDDEN: tl.constexpr, HAS_W: tl.constexpr, RNE: tl.constexpr, EV_W: tl.constexpr):
     """Scale by rstd (and the weight), rotate, round once and store heads [h0, h0+BH) of the token's
     contiguous output row o_ptr."""
     a = a * rstd
@@ -70,9 +85,11 @@ def _finish_tile(o_ptr, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2,
     p = p * rstd
     if HAS_W:
         if HIDDEN:  # weight [H*D]: its own value per head and channel
-            wa, wb, wp = _load_tile(w_ptr, D, 1, h0, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS)
+            wa, wb, wp = _load_tile(w_ptr, D, 1, h0, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS,
+                                    EV_W)
         else:  # weight [D]: one row, broadcast over the heads
-            wa, wb, wp = _load_tile(w_ptr, 0, 1, 0, 1, 1, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS)
+            wa, wb, wp = _load_tile(w_ptr, 0, 1, 0, 1, 1, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS,
+                                    EV_W)
         a = a * wa
         b = b * wb
         p = p * wp
@@ -85,54 +102,56 @@ def _finish_tile(o_ptr, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2,
     if INTERLEAVED:
         c = tl.arange(0, 2 * HB)
         x = tl.reshape(tl.join(oa, ob), [BH, 2 * HB])
-        tl.store(row + c[None, :], x.to(dt), mask=hm & (c < ROPE_DIM)[None, :])
+        tl.store(row + c[None, :], _to_out(x, dt, RNE), mask=hm & (c < ROPE_DIM)[None, :])
     else:
         j = tl.arange(0, HB)
         m = hm & (j < HALF)[None, :]
-        tl.store(row + j[None, :], oa.to(dt), mask=m)
-        tl.store(row + (j + HALF)[None, :], ob.to(dt), mask=m)
+        tl.store(row + j[None, :], _to_out(oa, dt, RNE), mask=m)
+        tl.store(row + (j + HALF)[None, :], _to_out(ob, dt, RNE), mask=m)
     if HAS_PASS:
         pc = tl.arange(0, PB)
-        tl.store(row + (ROPE_DIM + pc)[None, :], p.to(dt), mask=hm & (pc < D - ROPE_DIM)[None, :])
+        tl.store(row + (ROPE_DIM + pc)[None, :], _to_out(p, dt, RNE), mask=hm & (pc < D - ROPE_DIM)[None, :])
 
 
 @triton.jit
 def _norm_rope_heads(x_ptr, o_ptr, w_ptr, s_h, s_d, h0, eps, c1, s1, c2, s2,
                      H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr,
                      HALF: tl.constexpr, HB: tl.constexpr, PB: tl.constexpr, INTERLEAVED: tl.constexpr,
-                     HAS_PASS: tl.constexpr, HIDDEN: tl.constexpr, HAS_W: tl.constexpr):
+                     HAS_PASS: tl.constexpr, HIDDEN: tl.constexpr, HAS_W: tl.constexpr, RNE: tl.constexpr,
+                     EV_X: tl.constexpr, EV_X1: tl.constexpr, EV_W: tl.constexpr):
+    """EV_*: L2 eviction hints for x loads (EV_X1: first pass of the two-pass loop) and weights."""
     if HIDDEN:
-        NHB: tl.constexpr = (H + BH - 1) // BH
-        if NHB == 1:  # the whole token row in one tile: one pass
-            a, b, p = _load_tile(x_ptr, s_h, s_d, 0, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS)
+        if (H + BH - 1) // BH == 1:  # the whole token row in one tile: one pass
+            a, b, p = _load_tile(x_ptr, s_h, s_d, 0, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS,
+                                 EV_X)
             ss = tl.sum(a * a) + tl.sum(b * b)
             if HAS_PASS:
                 ss += tl.sum(p * p)
             rstd = tl.rsqrt(ss / (H * D) + eps)
             _finish_tile(o_ptr, w_ptr, 0, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB, PB,
-                         INTERLEAVED, HAS_PASS, HIDDEN, HAS_W)
+                         INTERLEAVED, HAS_PASS, HIDDEN, HAS_W, RNE, EV_W)
         else:  # two passes over head blocks: sum of squares, then normalize + rotate + store
             ss = tl.zeros([BH], dtype=tl.float32)
-            for i in tl.static_range(NHB):
+            for i in tl.static_range((H + BH - 1) // BH):
                 a, b, p = _load_tile(x_ptr, s_h, s_d, i * BH, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED,
-                                     HAS_PASS)
+                                     HAS_PASS, EV_X1)
                 ss += tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)
                 if HAS_PASS:
                     ss += tl.sum(p * p, axis=1)
             rstd = tl.rsqrt(tl.sum(ss) / (H * D) + eps)
-            for i in tl.static_range(NHB):
+            for i in tl.static_range((H + BH - 1) // BH):
                 a, b, p = _load_tile(x_ptr, s_h, s_d, i * BH, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED,
-                                     HAS_PASS)
+                                     HAS_PASS, EV_X)
                 _finish_tile(o_ptr, w_ptr, i * BH, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB,
-                             PB, INTERLEAVED, HAS_PASS, HIDDEN, HAS_W)
+                             PB, INTERLEAVED, HAS_PASS, HIDDEN, HAS_W, RNE, EV_W)
     else:  # per-head RMS over D: a row sum of the tile
-        a, b, p = _load_tile(x_ptr, s_h, s_d, h0, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS)
+        a, b, p = _load_tile(x_ptr, s_h, s_d, h0, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS, EV_X)
         ss = tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)
         if HAS_PASS:
             ss += tl.sum(p * p, axis=1)
         rstd = tl.rsqrt(ss / D + eps)[:, None]
         _finish_tile(o_ptr, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB, PB,
-                     INTERLEAVED, HAS_PASS, HIDDEN, HAS_W)
+                     INTERLEAVED, HAS_PASS, HIDDEN, HAS_W, RNE, EV_W)
 
 
 @triton.jit
@@ -144,7 +163,8 @@ def _qk_norm_rope_kernel(
     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr, HALF: tl.constexpr,
     HB: tl.constexpr, PB: tl.constexpr, BHQ: tl.constexpr, BHK: tl.constexpr, NQB: tl.constexpr,
     NB: tl.constexpr, HIDDEN: tl.constexpr, INTERLEAVED: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_POS: tl.constexpr, HAS_PASS: tl.constexpr,
+    HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, HAS_POS: tl.constexpr, HAS_PASS: tl.constexpr, RNE: tl.constexpr,
+    EV_X: tl.constexpr, EV_X1: tl.constexpr, EV_W: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = pid // NB  # token index b*S + s
@@ -171,11 +191,11 @@ def _qk_norm_rope_kernel(
     if blk < NQB:
         _norm_rope_heads(q_ptr + bi * s_qb + si * s_qs, qo_ptr + t * (HQ * D), qw_ptr, s_qh, s_qd, blk * BHQ,
                          q_eps, c1, s1, c2, s2, HQ, BHQ, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS, HIDDEN,
-                         HAS_QW)
+                         HAS_QW, RNE, EV_X, EV_X1, EV_W)
     else:
         _norm_rope_heads(k_ptr + bi * s_kb + si * s_ks, ko_ptr + t * (HK * D), kw_ptr, s_kh, s_kd,
                          (blk - NQB) * BHK, k_eps, c1, s1, c2, s2, HK, BHK, D, ROPE_DIM, HALF, HB, PB,
-                         INTERLEAVED, HAS_PASS, HIDDEN, HAS_KW)
+                         INTERLEAVED, HAS_PASS, HIDDEN, HAS_KW, RNE, EV_X, EV_X1, EV_W)
 
 
 def _pow2(n: int) -> int:
@@ -220,7 +240,8 @@ def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weig
     """Launch the fused kernel directly (same arguments and result as ``torch.ops.diffopt.qk_norm_rope``).
 
     Works on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before triton kernels
-    were defined. ``config`` overrides ``choose_config`` (keys block_hq, block_hk, num_warps).
+    were defined. ``config`` overrides ``choose_config`` (keys block_hq, block_hk, num_warps, and
+    hints: L2 eviction hints, evict_first on streamed q/k loads, evict_last on weights).
     """
     info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim)
     B, S, Hq, Hk, D, rd, L = info.B, info.S, info.Hq, info.Hk, info.D, info.rope_dim, info.table_len
@@ -248,6 +269,7 @@ def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weig
     qw = q_weight.contiguous() if q_weight is not None else qo
     kw = k_weight.contiguous() if k_weight is not None else ko
     half = rd // 2
+    ev = ("evict_first", "evict_last", "evict_last") if cfg.get("hints") else ("", "", "")
     grid = (B * S * nb,)
     _qk_norm_rope_kernel[grid](
         q, k, qo, ko, qw, kw, cos, sin, pos,
@@ -256,6 +278,7 @@ def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weig
         HQ=Hq, HK=Hk, D=D, ROPE_DIM=rd, HALF=half, HB=_pow2(half), PB=_pow2(D - rd), BHQ=bhq, BHK=bhk,
         NQB=nqb, NB=nb, HIDDEN=hidden, INTERLEAVED=rope_style == "interleaved", PER_CHANNEL=info.per_channel,
         HAS_QW=q_weight is not None, HAS_KW=k_weight is not None, HAS_POS=positions is not None,
-        HAS_PASS=rd < D, num_warps=int(cfg["num_warps"]),
+        HAS_PASS=rd < D, RNE=q.device.type == "cpu", EV_X=ev[0], EV_X1=ev[1], EV_W=ev[2],
+        num_warps=int(cfg["num_warps"]),
     )
     return qo, ko

@@ -51,7 +51,8 @@ def check_qk_norm_rope_args(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_
          f"k {tuple(k.shape)} must match q {tuple(q.shape)} in B, S and D")
     Hk = k.shape[2]
     float_types = (torch.float32, torch.bfloat16, torch.float16)
-    need(q.dtype in float_types and k.dtype in float_types, f"q/k dtype must be fp32/bf16/fp16, got {q.dtype}/{k.dtype}")
+    need(q.dtype in float_types and k.dtype in float_types,
+         f"q/k dtype must be fp32/bf16/fp16, got {q.dtype}/{k.dtype}")
     if rope_dim == -1:
         rope_dim = D
     need(2 <= rope_dim <= D and rope_dim % 2 == 0, f"rope_dim must be even and in [2, D={D}], got {rope_dim}")

@@ -7,7 +7,15 @@ from .configs import CONFIG_NAMES, Cosmos3Config, WanConfig, get_config
 from .cosmos3 import Cosmos3GenLayer, Cosmos3GenStack, build_prefix_kv, cosmos3_example_inputs, rotate_half
 from .loop import DenoiseStep, denoise, loop_example_inputs, make_timesteps, sinusoidal_timestep_table
 from .rope import increasing_positions, qwen3_rope_tables, wan_axis_dims, wan_rope_tables
-from .wan import FP32LayerNorm, WanAttention, WanBlock, WanFeedForward, WanStack, apply_interleaved_rope, wan_example_inputs
+from .wan import (
+    FP32LayerNorm,
+    WanAttention,
+    WanBlock,
+    WanFeedForward,
+    WanStack,
+    apply_interleaved_rope,
+    wan_example_inputs,
+)
 
 __all__ = [
     "CONFIG_NAMES",

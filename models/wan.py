@@ -93,7 +93,9 @@ class WanBlock(nn.Module):
         dim = config.dim
         self.norm1 = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
         self.attn1 = WanAttention(dim, config.num_heads, config.eps)
-        self.norm2 = FP32LayerNorm(dim, config.eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
+        self.norm2 = (
+            FP32LayerNorm(dim, config.eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
+        )
         self.attn2 = WanAttention(dim, config.num_heads, config.eps)
         self.norm3 = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
         self.ffn = WanFeedForward(dim, config.ffn_dim)

@@ -116,10 +116,8 @@ def test_wan_rope_tables_and_form_match_float64_rotation():
     )[None, :, None, :]
     x = torch.randn(2, seq_len, 3, head_dim, generator=torch.Generator().manual_seed(0))
     x_even, x_odd = x.double()[..., 0::2], x.double()[..., 1::2]
-    expected = torch.stack(
-        [x_even * pair_angles.cos() - x_odd * pair_angles.sin(), x_even * pair_angles.sin() + x_odd * pair_angles.cos()],
-        dim=-1,
-    ).flatten(-2)
+    cos, sin = pair_angles.cos(), pair_angles.sin()
+    expected = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1).flatten(-2)
 
     actual = apply_interleaved_rope(x, freqs_cos, freqs_sin)
     assert actual.dtype == torch.float32

@@ -197,3 +197,17 @@ def test_random_shapes_match_eager(batch, seq, kv_heads, group, head_dim, dtype,
     err = (result.output.double() - want).abs().max().item()
     stock_err = (stock.double() - want).abs().max().item()
     assert err <= stock_err * 1.5 + (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@torch.no_grad()
+def test_not_when_a_reshape_would_copy_instead():
+    # Inductor turns view into reshape; a reshape of the permuted tensor copies, so
+    # dropping the contiguous() copy would only move it (diffusers' Wan unpatchify).
+    def unpatchify(x):
+        return x.permute(0, 2, 1, 3).contiguous().flatten(1, 2).sin()
+
+    x = rand(2, 3, 4, 5)
+    result = trace(unpatchify, x, options={"inductor": True})
+    assert result.report.matches("split_contiguous") == 0
+    assert count_ops(result.after("split_contiguous"))[CLONE] == 1
+    torch.testing.assert_close(result.output, unpatchify(x))
