@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["QKNormRopeShape", "check_qk_norm_rope_args", "qk_norm_rope_reference", "rope_tables"]
+__all__ = ["QKNormRopeShape", "apply_rope", "check_qk_norm_rope_args", "qk_norm_rope_reference", "rope_tables"]
 
 NORM_OVER = ("head", "hidden")
 ROPE_STYLES = ("neox", "interleaved")
@@ -103,8 +103,14 @@ def _norm_rope_one(x: Tensor, w: Optional[Tensor], eps: float, cos: Tensor, sin:
     xf = xf * torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
     if w is not None:
         xf = xf * w.float().view(-1 if norm_over == "head" else H, D)
-    # RoPE on the first rope_dim channels of each head; the rest pass through (normed).
-    rot, rest = xf[..., :rope_dim], xf[..., rope_dim:]
+    return apply_rope(xf, cos, sin, rope_style, rope_dim).to(x.dtype).contiguous()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rope_style: str, rope_dim: int) -> Tensor:
+    """The rotation alone, in x's dtype: the first rope_dim channels of each head rotate, the
+    rest pass through. cos/sin broadcast to x[..., :L] with L = rope_dim (per channel, neox
+    only) or rope_dim / 2 (per pair). The rewrite pass checks stock code against this."""
+    rot, rest = x[..., :rope_dim], x[..., rope_dim:]
     half = rope_dim // 2
     if rope_style == "neox":
         if cos.shape[-1] == half:  # one entry per pair: channel j and j + half share it
@@ -115,7 +121,7 @@ def _norm_rope_one(x: Tensor, w: Optional[Tensor], eps: float, cos: Tensor, sin:
     else:  # interleaved pairs (2j, 2j+1), one table entry per pair
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         rot = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
-    return torch.cat([rot, rest], -1).to(x.dtype).contiguous()
+    return torch.cat([rot, rest], -1)
 
 
 def qk_norm_rope_reference(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],

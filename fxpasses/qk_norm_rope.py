@@ -1,0 +1,602 @@
+"""QK RMSNorm + RoPE -> one fused kernel.
+
+Stock form: RMSNorm of q and of k, then a rotary embedding of each by the same
+cos/sin tables, as separate ops. The norm may be per head (over D; Cosmos3,
+Qwen3, Flux-like) or across heads (over H*D, before the head split; Wan), and
+written as ``F.rms_norm``, ``nn.RMSNorm``, or by hand as
+``x * rsqrt(mean(x^2) + eps) * w`` with or without a float32 upcast. The
+rotation may be half-split (``x*cos + rotate_half(x)*sin``), interleaved pairs
+(``unflatten(-1, (-1, 2)).unbind(-1)`` then stores into ``out[..., 0::2]`` /
+``out[..., 1::2]``), or complex (``view_as_complex(x) * freqs``), on all or on
+the first ``rope_dim`` channels of each head, with q and k of different head
+counts (GQA).
+
+Optimized form: ``torch.ops.diffopt.qk_norm_rope(q, k, q_weight, k_weight, cos,
+sin, norm_over=..., rope_style=..., rope_dim=..., q_eps=..., k_eps=...)``: one
+kernel reads q and k once and writes them once.
+
+How it matches (around the math, not one model's source):
+
+1. A norm is found from each ``rsqrt(mean(X^2, -1, keepdim) + eps)`` whose
+   result multiplies X (casts aside), optionally followed by a weight of the
+   normed size and by casts.
+2. The rotation is the region of rotation-safe ops (products, sums, negation,
+   slicing, concatenation, views, scatters into a fresh buffer, complex views)
+   from the normed head tensor x to one exit node. It is evaluated on one head
+   row in float64 with random values for x and for every table it reads, and
+   compared with the kernel's rotation formula for each layout the tables'
+   length admits. All ops allowed in the region are polynomial, so agreement
+   at random points proves the identity (Schwartz-Zippel); two draws are used.
+3. q and k sites that read the same tables the same way are paired and
+   replaced by one call.
+
+Preconditions (else no rewrite):
+
+- The norm is over the last dim only, with a positive eps, and its size is the
+  head dim (per head) or heads x head dim, the norm output then being split
+  into heads by a view (across heads).
+- No intermediate of the norm or the rotation is used outside it (the rewrite
+  would not provide it), and the exit has the head tensor's shape.
+- Ops in the rotation act on the head's channels only; tables broadcast over
+  heads (size 1 at the head dim) and over the tokens; their length gives the
+  rotated width (rope_dim or rope_dim / 2 entries).
+- The q and k sites read the same table tensors and get the same layout, and
+  the fused call can be placed before every consumer of both outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call
+from diffopt.kernels.reference import apply_rope
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_CASTS = (prims.convert_element_type.default, aten._to_copy.default, aten.clone.default, aten.alias.default)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_MAX_REGION = 48  # nodes; real rotations take 5-15
+
+
+@dataclasses.dataclass
+class _Norm:
+    source: fx.Node  # the tensor normalized, before any upcast
+    weight: fx.Node | None
+    eps: float
+    size: int
+    nodes: list[fx.Node]  # pow ... last cast, in graph order
+    out: fx.Node
+
+
+@dataclasses.dataclass
+class _Site:
+    norm: _Norm
+    norm_over: str  # "head" | "hidden"
+    x: fx.Node  # the normed tensor as heads, lead + [H, D]
+    exit: fx.Node
+    region: list[fx.Node]
+    cos: Any  # table node, or (complex table node, "real")
+    sin: Any
+    rope_style: str
+    rope_dim: int
+
+
+class QKNormRope(GraphPass):
+    name = "qk_norm_rope"
+    stage = Stage.POST_GRAD
+
+    def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
+        position = {node: index for index, node in enumerate(graph.nodes)}
+        sites = []
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target is aten.rsqrt.default:
+                norm = _match_norm(node)
+                site = norm and _match_site(norm, position)
+                if site:
+                    sites.append(site)
+        used: set[int] = set()
+        for i, q in enumerate(sites):
+            if i in used:
+                continue
+            for j in range(i + 1, len(sites)):
+                if j not in used and _compatible(q, sites[j]) and _rewrite(graph, q, sites[j], position, log):
+                    used.update((i, j))
+                    break
+
+
+# --- the norm ------------------------------------------------------------------
+
+
+def _is_cast(node: Any) -> bool:
+    """An op that changes at most the dtype of its input's values."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _CASTS:
+        return False
+    return node.target is not aten._to_copy.default or set(node.kwargs) <= {"dtype"}
+
+
+def _strip_casts(node: Any) -> Any:
+    while _is_cast(node):
+        node = node.args[0]
+    return node
+
+
+def _scalar(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _match_norm(rsqrt: fx.Node) -> _Norm | None:
+    add = rsqrt.args[0]
+    if not (isinstance(add, fx.Node) and add.target in (aten.add.Scalar, aten.add.Tensor) and len(add.users) == 1):
+        return None
+    mean, eps = add.args[0], _scalar(add.args[1])
+    if eps is None or eps <= 0 or add.kwargs.get("alpha", 1) != 1:
+        return None
+    if not (isinstance(mean, fx.Node) and mean.target is aten.mean.dim and len(mean.users) == 1):
+        return None
+    square = mean.args[0]
+    dims = mean.args[1]
+    keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+    x_val = fake_value(square)
+    if not keepdim or not isinstance(x_val, torch.Tensor) or [d % x_val.dim() for d in dims] != [x_val.dim() - 1]:
+        return None
+    if square.target is aten.pow.Tensor_Scalar and square.args[1] == 2:
+        upcast = square.args[0]
+    elif square.target is aten.mul.Tensor and square.args[0] is square.args[1]:
+        upcast = square.args[0]
+    else:
+        return None
+    source = _strip_casts(upcast)
+    if len(square.users) != 1 or len(rsqrt.users) != 1:
+        return None
+    scale = next(iter(rsqrt.users))
+    if scale.target is not aten.mul.Tensor or rsqrt not in scale.args:
+        return None
+    other = scale.args[0] if scale.args[1] is rsqrt else scale.args[1]
+    if _strip_casts(other) is not source:
+        return None
+    size = x_val.shape[-1]
+    nodes = [square, mean, add, rsqrt, scale]
+    if upcast is not source:
+        nodes.insert(0, upcast)
+    weight = None
+    out = scale
+    while len(out.users) == 1:
+        user = next(iter(out.users))
+        if _is_cast(user):
+            out = user
+        elif weight is None and user.target is aten.mul.Tensor and out in user.args:
+            w = user.args[0] if user.args[1] is out else user.args[1]
+            w_val = fake_value(w)
+            if not isinstance(w_val, torch.Tensor) or w_val.numel() != size or w_val.shape[-1] != size:
+                break
+            weight, out = _strip_casts(w), user
+        else:
+            break
+        nodes.append(out)
+    # The upcast X and the source may feed other consumers; the norm's own intermediates may not.
+    if any(user not in nodes for node in nodes[:-1] for user in node.users if node is not upcast):
+        return None
+    return _Norm(source, weight, eps, size, nodes, out)
+
+
+# --- the rotation ----------------------------------------------------------------
+
+
+def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | None:
+    """The rotation that follows ``norm``, trying the norm as across-heads first, then per head."""
+    out_val = fake_value(norm.out)
+    users = list(norm.out.users)
+    candidates = []
+    if len(users) == 1 and users[0].target in _VIEWS:
+        # Across heads: a view splits the normed [..., H*D] into [..., H, D].
+        view_val = fake_value(users[0])
+        if (
+            view_val.dim() == out_val.dim() + 1
+            and tuple(view_val.shape[:-2]) == tuple(out_val.shape[:-1])
+            and view_val.shape[-2] * view_val.shape[-1] == norm.size
+        ):
+            candidates.append((users[0], "hidden"))
+    candidates.append((norm.out, "head"))
+    for x, norm_over in candidates:
+        x_val = fake_value(x)
+        if x_val.dim() not in (3, 4):
+            continue
+        lead_rank = x_val.dim() - 1  # lead = tokens + heads; the tail is one head's channels
+        region, exits = _grow_region(x, position)
+        for exit_node in reversed(exits):
+            exit_val = fake_value(exit_node)
+            if not isinstance(exit_val, torch.Tensor) or tuple(exit_val.shape) != tuple(x_val.shape):
+                continue
+            members = [n for n in region if position[n] <= position[exit_node]]
+            with unset_fake_temporarily():  # rows are real tensors, whatever mode compiles the graph
+                layout = _identify_rotation(x, exit_node, members, lead_rank)
+            if layout is not None:
+                return _Site(norm, norm_over, x, exit_node, members, *layout)
+    return None
+
+
+_REGION_OPS = {
+    aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
+    aten.neg.default, prims.convert_element_type.default, aten._to_copy.default, aten.clone.default,
+    aten.alias.default, aten.copy.default, *_VIEWS, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
+    aten.permute.default, aten.slice.Tensor, aten.select.int, aten.unbind.int, aten.split.Tensor,
+    aten.split_with_sizes.default, aten.cat.default, aten.stack.default, aten.slice_scatter.default,
+    aten.select_scatter.default, aten.view_as_complex.default, aten.view_as_real.default, operator.getitem,
+}
+
+
+def _grow_region(x: fx.Node, position: dict[fx.Node, int]) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Nodes reachable from x through rotation-safe ops, and those at which the region has one exit."""
+    region = [x]
+    members = {x}
+    outside = {x: len(x.users)}  # users of each member not (yet) in the region
+    live = {x} if x.users else set()
+    exits = []
+    heap = [(position[u], id(u), u) for u in x.users]
+    heapq.heapify(heap)
+    seen = set()
+    while heap and len(region) < _MAX_REGION:
+        _, _, node = heapq.heappop(heap)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op != "call_function" or node.target not in _REGION_OPS:
+            continue
+        region.append(node)
+        members.add(node)
+        for arg in node.all_input_nodes:
+            if arg in members:
+                outside[arg] -= 1
+                if outside[arg] == 0:
+                    live.discard(arg)
+        outside[node] = len(node.users)
+        if node.users:
+            live.add(node)
+        if live == {node}:
+            exits.append(node)
+        for user in node.users:
+            heapq.heappush(heap, (position[user], id(user), user))
+    return region, exits
+
+
+def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], lead_rank: int):
+    """(cos, sin, style, rope_dim) if the region from x to exit_node is a rotation, else None."""
+    member_set = set(members)
+    x_val = fake_value(x)
+    head_dim = x_val.shape[-1]
+    leaves = {}
+    for node in members:
+        for arg in node.all_input_nodes:
+            if arg not in member_set and not _derived_from(arg, x, member_set):
+                leaves[arg] = None
+            elif arg not in member_set:
+                return None  # reads x through an op outside the region
+    generator = torch.Generator().manual_seed(0)
+    try:
+        relevant = [leaf for leaf in leaves if _influences(leaf, x, exit_node, members, lead_rank, generator)]
+    except _NoMatch:
+        return None
+    tables = []
+    for leaf in relevant:
+        val = fake_value(leaf)
+        if not isinstance(val, torch.Tensor) or not _broadcasts_over_heads(val, x_val, lead_rank):
+            return None
+        tables.append(leaf)
+    if len(tables) == 1 and fake_value(tables[0]).is_complex():
+        length = fake_value(tables[0]).shape[-1]
+        candidates = [((tables[0], 0), (tables[0], 1), style, 2 * length) for style in ("interleaved", "neox")]
+    elif len(tables) == 2 and not any(fake_value(t).is_complex() for t in tables):
+        length = fake_value(tables[0]).shape[-1]
+        if fake_value(tables[1]).shape[-1] != length:
+            return None
+        candidates = []
+        for cos, sin in ((tables[0], tables[1]), (tables[1], tables[0])):
+            candidates += [(cos, sin, "neox", length), (cos, sin, "neox", 2 * length), (cos, sin, "interleaved", 2 * length)]
+    else:
+        return None
+    candidates = [c for c in candidates if 0 < c[3] <= head_dim and c[3] % 2 == 0]
+    for cos, sin, style, rope_dim in candidates:
+        if all(_agrees(x, exit_node, members, lead_rank, cos, sin, style, rope_dim, seed) for seed in (1, 2)):
+            return cos, sin, style, rope_dim
+    return None
+
+
+def _derived_from(node: fx.Node, x: fx.Node, region: set[fx.Node]) -> bool:
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current is x:
+            return True
+        if current in seen or current.op == "placeholder":
+            continue
+        seen.add(current)
+        stack.extend(current.all_input_nodes)
+    return False
+
+
+def _broadcasts_over_heads(table: torch.Tensor, x: torch.Tensor, lead_rank: int) -> bool:
+    # Right-aligned with x's lead + [L]: size 1 at the head dim, 1 or x's size at token dims.
+    lead = list(table.shape[:-1])
+    x_lead = list(x.shape[:lead_rank])
+    if len(lead) > len(x_lead):
+        return False
+    lead = [1] * (len(x_lead) - len(lead)) + lead
+    return lead[-1] == 1 and all(t in (1, s) for t, s in zip(lead[:-1], x_lead[:-1]))
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _influences(leaf, x, exit_node, members, lead_rank, generator) -> bool:
+    """Whether the leaf's values reach the exit (a NaN planted in it shows up there)."""
+    rows = _evaluate(x, exit_node, members, lead_rank, generator, poison=leaf)
+    return bool(torch.isnan(torch.view_as_real(rows) if rows.is_complex() else rows).any())
+
+
+def _agrees(x, exit_node, members, lead_rank, cos, sin, style, rope_dim, seed) -> bool:
+    generator = torch.Generator().manual_seed(seed)
+    leaf_rows: dict = {}
+    got = _evaluate(x, exit_node, members, lead_rank, generator, leaf_rows=leaf_rows)
+    x_row = leaf_rows[x]
+
+    def table(spec):
+        node, part = spec if isinstance(spec, tuple) else (spec, None)
+        row = leaf_rows.get(node)
+        if row is None:
+            return None
+        row = row.reshape(-1)
+        return row if part is None else (row.real if part == 0 else row.imag)
+
+    c, s = table(cos), table(sin)
+    if c is None or s is None or got.is_complex():
+        return False
+    want = apply_rope(x_row.reshape(1, 1, 1, -1), c.reshape(1, 1, 1, -1), s.reshape(1, 1, 1, -1), style, rope_dim)
+    return got.shape == x_row.shape and torch.allclose(got, want.reshape(got.shape), rtol=1e-9, atol=1e-9)
+
+
+def _evaluate(x, exit_node, members, lead_rank, generator, poison=None, leaf_rows=None):
+    """The exit's value on one head row, in float64, from random x and leaf rows."""
+    rows: dict[fx.Node, Any] = {}
+    leaf_rows = {} if leaf_rows is None else leaf_rows
+    x_val = fake_value(x)
+    leaf_rows[x] = torch.randn(tuple(x_val.shape[lead_rank:]), generator=generator, dtype=torch.float64)
+    rows[x] = leaf_rows[x]
+    member_set = set(members)
+
+    def value(arg, tail_rank):
+        if isinstance(arg, fx.Node):
+            if arg in rows:
+                return rows[arg]
+            if arg in member_set:
+                raise _NoMatch
+            val = fake_value(arg)
+            if not isinstance(val, torch.Tensor):
+                raise _NoMatch
+            tail = tuple(val.shape[max(0, val.dim() - tail_rank):])
+            if arg not in leaf_rows:
+                dtype = torch.complex128 if val.is_complex() else torch.float64
+                leaf_rows[arg] = torch.randn(tail, generator=generator, dtype=dtype)
+                if arg is poison:
+                    leaf_rows[arg] = torch.full_like(leaf_rows[arg], float("nan"))
+            return leaf_rows[arg]
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(value(a, tail_rank) for a in arg)
+        return arg
+
+    for node in members[1:]:
+        out_val = fake_value(node)
+        out_rank = (out_val[0] if isinstance(out_val, (tuple, list)) else out_val).dim()
+        tail_rank = out_rank - lead_rank
+        rows[node] = _row_op(node, lambda a: value(a, tail_rank), lead_rank)
+        if node is exit_node:
+            return rows[node]
+    raise _NoMatch
+
+
+def _row_op(node: fx.Node, value: Callable[[Any], Any], lead_rank: int) -> Any:
+    """Apply ``node``'s op to row values: dims are shifted by the lead rank; lead dims must be untouched."""
+    target, args, kwargs = node.target, node.args, node.kwargs
+    in_val = fake_value(args[0]) if args and isinstance(args[0], fx.Node) else None
+    in_rank = in_val.dim() if isinstance(in_val, torch.Tensor) else None
+
+    def tail_dim(dim, rank=in_rank):
+        dim = dim % rank
+        if dim < lead_rank:
+            raise _NoMatch
+        return dim - lead_rank
+
+    def out_tail():
+        out = fake_value(node)
+        if tuple(out.shape[:lead_rank]) != tuple(in_val.shape[:lead_rank]):
+            raise _NoMatch
+        return tuple(out.shape[lead_rank:])
+
+    if target is operator.getitem:
+        return value(args[0])[args[1]]
+    if target in (aten.mul.Tensor, aten.mul.Scalar):
+        return value(args[0]) * value(args[1])
+    if target in (aten.add.Tensor, aten.add.Scalar):
+        return value(args[0]) + kwargs.get("alpha", 1) * value(args[1])
+    if target in (aten.sub.Tensor, aten.sub.Scalar):
+        return value(args[0]) - kwargs.get("alpha", 1) * value(args[1])
+    if target is aten.neg.default:
+        return -value(args[0])
+    if target in (prims.convert_element_type.default, aten._to_copy.default, aten.clone.default, aten.alias.default):
+        row = value(args[0])
+        dtype = fake_value(node).dtype
+        if dtype.is_complex != row.is_complex() or not (dtype.is_floating_point or dtype.is_complex):
+            raise _NoMatch
+        return row
+    if target is aten.copy.default:
+        base, src = value(args[0]), value(args[1])
+        return src.expand(base.shape).clone()
+    if target in _VIEWS:
+        return value(args[0]).reshape(out_tail())
+    if target is aten.expand.default:
+        return value(args[0]).expand(out_tail())
+    if target in (aten.unsqueeze.default, aten.squeeze.dim):
+        return value(args[0]).reshape(out_tail())
+    if target is aten.permute.default:
+        dims = [d % in_rank for d in args[1]]
+        if dims[:lead_rank] != list(range(lead_rank)):
+            raise _NoMatch
+        return value(args[0]).permute([d - lead_rank for d in dims[lead_rank:]])
+    if target is aten.slice.Tensor:
+        dim, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1 :])[:4]
+        end = None if end is not None and end >= 2**62 else end
+        return value(args[0])[(slice(None),) * tail_dim(dim) + (slice(start, end, step),)]
+    if target is aten.select.int:
+        return value(args[0]).select(tail_dim(args[1]), args[2])
+    if target is aten.unbind.int:
+        return value(args[0]).unbind(tail_dim(args[1] if len(args) > 1 else 0))
+    if target is aten.split.Tensor:
+        return value(args[0]).split(args[1], tail_dim(args[2] if len(args) > 2 else 0))
+    if target is aten.split_with_sizes.default:
+        return value(args[0]).split(list(args[1]), tail_dim(args[2] if len(args) > 2 else 0))
+    if target is aten.cat.default:
+        tensors = [value(a) for a in args[0]]
+        rank = fake_value(args[0][0]).dim()
+        return torch.cat(tensors, tail_dim(args[1] if len(args) > 1 else 0, rank))
+    if target is aten.stack.default:
+        rank = fake_value(node).dim()
+        return torch.stack([value(a) for a in args[0]], tail_dim(args[1] if len(args) > 1 else 0, rank))
+    if target is aten.slice_scatter.default:
+        base, src = value(args[0]).clone(), value(args[1])
+        dim, start, end, step = (list(args[2:]) + [0, None, None, 1][len(args) - 2 :])[:4]
+        end = None if end is not None and end >= 2**62 else end
+        base[(slice(None),) * tail_dim(dim) + (slice(start, end, step),)] = src
+        return base
+    if target is aten.select_scatter.default:
+        base = value(args[0]).clone()
+        base.select(tail_dim(args[2]), args[3]).copy_(value(args[1]))
+        return base
+    if target is aten.view_as_complex.default:
+        return torch.view_as_complex(value(args[0]).contiguous())
+    if target is aten.view_as_real.default:
+        return torch.view_as_real(value(args[0]))
+    raise _NoMatch
+
+
+# --- pairing and the rewrite -----------------------------------------------------
+
+
+def _same_table(a: Any, b: Any) -> bool:
+    """The same table: the same node, or the same op on the same inputs (each q/k rotation often
+    slices or unsqueezes the shared table itself)."""
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        return isinstance(a, tuple) and isinstance(b, tuple) and a[1] == b[1] and _same_value(a[0], b[0], 4)
+    return _same_value(a, b, 4)
+
+
+def _deterministic(target: Any) -> bool:
+    if isinstance(target, torch._ops.OpOverload):
+        return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+    return target is operator.getitem
+
+
+def _same_value(a: Any, b: Any, depth: int) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        return (
+            depth > 0
+            and a.op == b.op == "call_function"
+            and a.target == b.target
+            and _deterministic(a.target)
+            and a.kwargs == b.kwargs
+            and len(a.args) == len(b.args)
+            and all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args))
+        )
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y, depth) for x, y in zip(a, b))
+    return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and type(a) is type(b) and a == b
+
+
+def _compatible(q: _Site, k: _Site) -> bool:
+    qv, kv = fake_value(q.x), fake_value(k.x)
+    return (
+        q.norm_over == k.norm_over
+        and q.rope_style == k.rope_style
+        and q.rope_dim == k.rope_dim
+        and _same_table(q.cos, k.cos)
+        and _same_table(q.sin, k.sin)
+        and qv.dim() == kv.dim()
+        and tuple(qv.shape[:-2]) == tuple(kv.shape[:-2])
+        and qv.shape[-1] == kv.shape[-1]
+        and fake_value(q.exit).dtype == fake_value(k.exit).dtype
+        and fake_value(q.norm.source).dtype == fake_value(k.norm.source).dtype
+    )
+
+
+def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], log: RewriteLog) -> bool:
+    inputs = [q.norm.source, k.norm.source, q.norm.weight, k.norm.weight]
+    inputs += [spec[0] if isinstance(spec, tuple) else spec for spec in (q.cos, q.sin)]
+    anchor = max((n for n in inputs if n is not None), key=position.__getitem__)
+    first_use = min(position[u] for site in (q, k) for u in site.exit.users)
+    if position[anchor] >= first_use:
+        return False
+    x_val = fake_value(q.x)
+    out_dtype = fake_value(q.exit).dtype
+    with graph.inserting_before(anchor.next):
+        q_in = _as_bsHD(graph, q, out_dtype)
+        k_in = _as_bsHD(graph, k, out_dtype)
+        cos = _table_as_bs1L(graph, q.cos, x_val.dim() - 1, q.exit)
+        sin = _table_as_bs1L(graph, q.sin, x_val.dim() - 1, q.exit)
+        fused = insert_call(
+            graph,
+            torch.ops.diffopt.qk_norm_rope.default,
+            (q_in, k_in, q.norm.weight, k.norm.weight, cos, sin, None),
+            q.exit,
+            {
+                "norm_over": q.norm_over,
+                "rope_style": q.rope_style,
+                "rope_dim": q.rope_dim,
+                "q_eps": q.norm.eps,
+                "k_eps": k.norm.eps,
+            },
+        )
+        for index, site in enumerate((q, k)):
+            out = insert_call(graph, operator.getitem, (fused, index), site.exit)
+            out = insert_call(graph, aten.reshape.default, (out, list(fake_value(site.exit).shape)), site.exit)
+            site.exit.replace_all_uses_with(out)
+    for site in (q, k):
+        erase_unused(graph, site.region + site.norm.nodes)
+    log.add(
+        q.exit,
+        replaced=f"RMSNorm ({q.norm_over}) + {q.rope_style} RoPE (rope_dim {q.rope_dim}) on q and k",
+        by="diffopt.qk_norm_rope",
+    )
+    return True
+
+
+def _as_bsHD(graph: fx.Graph, site: _Site, out_dtype: torch.dtype) -> fx.Node:
+    x_val = fake_value(site.x)
+    source = site.norm.source
+    if fake_value(source).dtype != out_dtype:
+        # The stock code keeps the higher-precision result: compute in that dtype.
+        source = insert_call(graph, prims.convert_element_type.default, (source, out_dtype), site.exit)
+    shape = list(x_val.shape)
+    if len(shape) == 3:
+        shape = [1] + shape
+    return insert_call(graph, aten.reshape.default, (source, shape), site.exit)
+
+
+def _table_as_bs1L(graph: fx.Graph, spec: Any, lead_rank: int, origin: fx.Node) -> fx.Node:
+    node, part = spec if isinstance(spec, tuple) else (spec, None)
+    if part is not None:
+        node = insert_call(graph, aten.view_as_real.default, (node,), origin)
+        node = insert_call(graph, aten.select.int, (node, -1, part), origin)
+    val = fake_value(node)
+    shape = [1] * (lead_rank + 1 - val.dim()) + list(val.shape)
+    if lead_rank == 2:
+        shape = [1] + shape
+    return insert_call(graph, aten.reshape.default, (node, shape), origin)
