@@ -129,10 +129,9 @@ def main():
             stock_args=(q, k, wq, wk, cos, sin), op_args=(q, k, wq, wk, cos, sin, None),
             op_kwargs=dict(norm_over="head", rope_style="neox", rope_dim=D, q_eps=1e-6, k_eps=1e-6), nbytes=nb,
             sweep=[dict(block_hq=bq, block_hk=bk, num_warps=w) for bq, bk, w in (
-                (16, 8, 4), (8, 8, 4), (8, 8, 2), (16, 8, 8), (32, 8, 8), (32, 8, 4), (4, 4, 2), (16, 8, 2))
-                if not packed or (bq, bk, w) in ((16, 8, 4), (8, 8, 4), (32, 8, 8))]
-            + [dict(block_hq=16, block_hk=8, num_warps=4, hints=True), dict(block_hq=8, block_hk=8, num_warps=4,
-                                                                             hints=True)][:1 if packed else 2]))
+                (8, 8, 2), (8, 8, 1), (4, 4, 1), (16, 8, 2), (32, 8, 4), (16, 8, 4), (8, 8, 4))
+                if not packed or (bq, bk, w) in ((8, 8, 2), (16, 8, 4))]
+            + [dict(block_hq=8, block_hk=8, num_warps=2, hints=True)][:0 if packed else 1]))
     # Wan 1.3B / 14B 480p: S=32760, across-heads norm, interleaved, fp32 tables used as strided views
     for tag, heads in (("wan1.3b", 12), ("wan14b", 40)):
         S, dim = n_tok(32760), heads * 128
@@ -151,10 +150,9 @@ def main():
                      None),
             op_kwargs=dict(norm_over="hidden", rope_style="interleaved", rope_dim=128, q_eps=1e-6, k_eps=1e-6),
             nbytes=nb,
-            sweep=[dict(block_hq=hp, block_hk=hp, num_warps=w) for w in (4, 8, 16)]
-            + [dict(block_hq=b, block_hk=b, num_warps=w) for b, w in ((4, 4), (8, 4), (8, 8), (16, 8))]
-            + [dict(choose_config(heads, heads, 128, "hidden"), hints=True),
-               dict(block_hq=8, block_hk=8, num_warps=4, hints=True)]))
+            sweep=[dict(block_hq=b, block_hk=b, num_warps=w) for b, w in
+                   ((8, 4), (8, 2), (4, 2), (4, 1), (16, 4), (16, 2), (hp, 4))]
+            + [dict(block_hq=8, block_hk=8, num_warps=4, hints=True)]))
 
     op = torch.ops.diffopt.qk_norm_rope
     for sh in shapes:

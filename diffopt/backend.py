@@ -8,11 +8,31 @@ to Inductor with the post-grad passes installed as Inductor's
 on). With ``options={"inductor": False}`` the graph is lowered to ATen with the
 same decompositions Inductor uses, the post-grad passes run on it, and it runs
 as it is.
+
+Dynamo config. The backend traces under ``torch._dynamo.config`` patched with
+:data:`DYNAMO_CONFIG`, today ``capture_scalar_outputs=True``: ``t.item()`` (and
+``int(t.flatten()[0].item())``, ``t.cpu().item()``) is captured into the graph
+as ``aten._local_scalar_dense`` instead of breaking it, so the whole denoising
+step is one graph and the ``hoist_item`` pass can deduplicate, move or remove
+the device-to-host read. The patch is :func:`dynamo_config`, set as
+``diffopt_backend.backend_ctx_ctor``, which Dynamo enters around tracing and
+running of every frame it compiles with this backend (nothing is set
+process-wide). ``torch.compile`` wraps every non-inductor backend in
+``torch._TorchCompileWrapper``, which drops that attribute (torch 2.0 to 2.13),
+so importing this module wraps ``torch._dynamo.eval_frame.get_compiler_fn`` to
+carry it over when the backend inside the wrapper (by name, callable or
+``functools.partial``) is this one; other backends are untouched. Should that
+function ever be missing, the config is set process-wide at import instead.
+The entry point imports this module inside ``torch.compile(...)``, before
+Dynamo reads the attribute, so ``backend="diffopt"`` gets it on its first use.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +43,9 @@ from .options import Options
 from .pipeline import Pipeline, PostGradPasses, registered_passes
 
 _graph_ids = itertools.count()
+
+# Dynamo config every diffopt compile traces under (see the module docstring).
+DYNAMO_CONFIG: dict[str, Any] = {"capture_scalar_outputs": True}
 
 
 def diffopt_backend(
@@ -71,3 +94,50 @@ def _compile_without_inductor(
     return aot_autograd(fw_compiler=run_post_grad, bw_compiler=run_post_grad, decompositions=select_decomp_table())(
         gm, example_inputs
     )
+
+
+@contextlib.contextmanager
+def dynamo_config() -> Iterator[None]:
+    """Patches ``torch._dynamo.config`` with :data:`DYNAMO_CONFIG` (the backend's ``backend_ctx_ctor``)."""
+    with torch._dynamo.config.patch(DYNAMO_CONFIG):
+        yield
+
+
+diffopt_backend.backend_ctx_ctor = dynamo_config  # type: ignore[attr-defined]
+
+
+def _wrapped_diffopt(backend: Any) -> bool:
+    """Whether ``backend`` is diffopt's, possibly inside ``_TorchCompileWrapper`` / ``functools.partial``."""
+    for _ in range(8):
+        if backend is diffopt_backend:
+            return True
+        backend = getattr(backend, "compiler_fn", None) or getattr(backend, "func", None)
+    return False
+
+
+def _carry_backend_ctx() -> bool:
+    """Make Dynamo see ``backend_ctx_ctor`` through the wrapper ``torch.compile`` puts around a backend."""
+    from torch._dynamo import eval_frame
+
+    original = getattr(eval_frame, "get_compiler_fn", None)
+    if original is None:
+        return False
+    if getattr(original, "_diffopt_carries_ctx", False):
+        return True
+
+    @functools.wraps(original)
+    def get_compiler_fn(compiler_fn: Any) -> Any:
+        backend = original(compiler_fn)
+        if getattr(backend, "backend_ctx_ctor", None) is None and _wrapped_diffopt(compiler_fn):
+            backend.backend_ctx_ctor = dynamo_config
+        return backend
+
+    get_compiler_fn._diffopt_carries_ctx = True  # type: ignore[attr-defined]
+    eval_frame.get_compiler_fn = get_compiler_fn
+    return True
+
+
+if not _carry_backend_ctx():
+    logging.getLogger("diffopt").info("diffopt: setting torch._dynamo.config %s process-wide", DYNAMO_CONFIG)
+    for _key, _value in DYNAMO_CONFIG.items():
+        setattr(torch._dynamo.config, _key, _value)

@@ -109,6 +109,7 @@ class QKNormRope(GraphPass):
             for j in range(i + 1, len(sites)):
                 if j not in used and _compatible(q, sites[j]) and _rewrite(graph, q, sites[j], position, log):
                     used.update((i, j))
+                    position = {node: index for index, node in enumerate(graph.nodes)}
                     break
 
 
@@ -540,10 +541,11 @@ def _compatible(q: _Site, k: _Site) -> bool:
 def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], log: RewriteLog) -> bool:
     inputs = [q.norm.source, k.norm.source, q.norm.weight, k.norm.weight]
     inputs += [spec[0] if isinstance(spec, tuple) else spec for spec in (q.cos, q.sin)]
-    anchor = max((n for n in inputs if n is not None), key=position.__getitem__)
-    first_use = min(position[u] for site in (q, k) for u in site.exit.users)
-    if position[anchor] >= first_use:
+    inputs = [n for n in inputs if n is not None]
+    first_user = min((u for site in (q, k) for u in site.exit.users), key=position.__getitem__)
+    if not _hoist_before(inputs, first_user, position, set(q.region + k.region)):
         return False
+    anchor = max(inputs, key=position.__getitem__)
     x_val = fake_value(q.x)
     out_dtype = fake_value(q.exit).dtype
     with graph.inserting_before(anchor.next):
@@ -575,6 +577,30 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], 
         replaced=f"RMSNorm ({q.norm_over}) + {q.rope_style} RoPE (rope_dim {q.rope_dim}) on q and k",
         by="diffopt.qk_norm_rope",
     )
+    return True
+
+
+def _hoist_before(inputs: list[fx.Node], first_user: fx.Node, position: dict[fx.Node, int], region: set) -> bool:
+    """Move the inputs computed after ``first_user`` (and what they need) to just before it.
+
+    The fused call must follow all its inputs and precede every user of both outputs; graph
+    schedulers (Inductor's locality reordering) may have put k's projection after q's consumers.
+    Fails if a moved node would depend on the rotations being replaced.
+    """
+    limit = position[first_user]
+    late, stack = set(), [n for n in inputs if position[n] >= limit]
+    while stack:
+        node = stack.pop()
+        if node in late:
+            continue
+        if node is first_user or node in region or any(arg in region for arg in node.all_input_nodes):
+            return False
+        late.add(node)
+        stack.extend(arg for arg in node.all_input_nodes if position[arg] >= limit)
+    for node in sorted(late, key=position.__getitem__):
+        first_user.prepend(node)
+    for index, node in enumerate(first_user.graph.nodes):
+        position[node] = index
     return True
 
 

@@ -5,7 +5,8 @@ Layout of the work: a 1D grid; each program handles one token (b, s) and either
 * norm_over="head": one block of ``BH`` heads of q or of k ([BH, D] tile; per-head RMS is a row sum);
 * norm_over="hidden": all heads of q or of k for that token (RMS over H*D). If the padded row
   fits one tile it is done in one pass; otherwise it loops over head blocks twice (sum of
-  squares, then normalize+rotate+store); the second read of the row hits L2.
+  squares, then normalize+rotate+store); the second read of the row hits L2. (The defaults use
+  8-head blocks at D=128: measured faster than one pass over the whole row, see choose_config.)
 
 Program ids are ordered token-major (the blocks of one token are adjacent programs), so the token's
 cos/sin row is read from DRAM once and reused from cache by all its programs.
@@ -203,34 +204,41 @@ def _pow2(n: int) -> int:
 
 
 def choose_config(Hq: int, Hk: int, D: int, norm_over: str) -> dict:
-    """Block sizes and warps by formula (no autotuning).
+    """Block sizes and warps by formula (no autotuning), from a sweep on H200
+    (docs/bench_qk_norm_rope_h200.md): for this memory-bound op, small programs (tiles of about
+    1024 elements, 16 bytes per thread per load) at high occupancy beat big ones.
 
-    block_hq/block_hk: heads per tile of q/k. "head": the largest power of two <= 16 that wastes
-    no padded heads where possible, capped so a tile holds about 2048 elements. "hidden": the whole
-    padded row in one tile (one pass) while it holds <= 8192 elements, else 8-head blocks (two passes).
+    "head": block = the largest power of two <= 1024/D that divides the head count or pads at most
+    25% of its heads; tiles of 1024 elements run on 2 warps (Cosmos3 [8, 128]: 149 us vs 166-204 us
+    for [16|32, 128] tiles on 4-8 warps).
+    "hidden": head blocks of about 1024 elements, two passes over the token's heads (sum of squares,
+    then normalize + rotate + store; the second read hits L2); a row that fits one block is done in
+    one pass. 2 warps when a row has at most 2 blocks, else 4 (Wan 1.3B, 2 blocks: 117.6 us on 2
+    warps vs 126.7 on 4; Wan 14B, 5 blocks: 336.0 on 4 vs 346.0 on 2). One-pass [16|64, 128] tiles
+    measured 1.0-2x slower.
     """
     dp = _pow2(D)
-    if norm_over == "hidden":
-        def bh(H):
-            return _pow2(H) if _pow2(H) * dp <= 8192 else max(1, 1024 // dp)
-        bq, bk = bh(Hq), bh(Hk)
-        elems = max(min(bq, _pow2(Hq)), min(bk, _pow2(Hk))) * dp
-        warps = 4 if elems <= 1024 else 8 if elems <= 4096 else 16
-        return dict(block_hq=bq, block_hk=bk, num_warps=warps)
-    cap = max(1, 2048 // dp)
+    cap = max(1, 1024 // dp)
 
     def bh(H):
         best = 1
-        for c in (1, 2, 4, 8, 16):
+        for c in (1, 2, 4, 8, 16, 32):
             if c > cap:
                 break
             if H % c == 0 or c <= H and (-H % c) * 4 <= H:  # no padding, or at most 25% padded heads
                 best = c
         return best
 
-    bq, bk = bh(Hq), bh(Hk)
-    elems = max(bq, bk) * dp
-    return dict(block_hq=bq, block_hk=bk, num_warps=4 if elems > 512 else 2)
+    if norm_over == "hidden":
+        bq, bk = min(_pow2(Hq), cap), min(_pow2(Hk), cap)
+        elems = max(bq, bk) * dp
+        blocks = max(-(-Hq // bq), -(-Hk // bk))
+        warps = 1 if elems < 512 else 2 if elems < 1024 or blocks <= 2 else 4
+    else:
+        bq, bk = bh(Hq), bh(Hk)
+        elems = max(bq, bk) * dp
+        warps = 2 if elems >= 1024 else 1
+    return dict(block_hq=bq, block_hk=bk, num_warps=warps)
 
 
 def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],

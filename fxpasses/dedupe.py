@@ -1,0 +1,79 @@
+"""Duplicate pure computations -> computed once.
+
+Stock form: the same deterministic ATen op applied to the same inputs twice, e.g.
+diffusers' Cosmos3 rotating one normed K twice (``k_und`` and its alias
+``k_und_for_gen``) with the same tables::
+
+    k_a = k * cos + rotate_half(k) * sin
+    k_b = k * cos + rotate_half(k) * sin      # same values, computed again
+
+Optimized form: the second computation is dropped and its users read the first.
+Besides the saved work, later rewrites then see one value with one definition.
+
+Preconditions: the op is an ATen/prims op that neither mutates nor draws random
+numbers, and both nodes have the same target, the same arguments (the same nodes
+or equal constants) and the same keyword arguments.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
+
+
+class Dedupe(GraphPass):
+    name = "dedupe"
+    stage = Stage.POST_GRAD
+
+    def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
+        first: dict[Any, fx.Node] = {}
+        for node in list(graph.nodes):
+            if node.op != "call_function" or not _pure(node.target):
+                continue
+            key = _key(node)
+            if key is None:
+                continue
+            original = first.setdefault(key, node)
+            if original is node:
+                continue
+            node.replace_all_uses_with(original)
+            graph.erase_node(node)
+            if node.target is not operator.getitem:
+                log.add(node, replaced=f"second {_name(node.target)} of the same inputs", by="the first one's result")
+
+
+def _pure(target: Any) -> bool:
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
+        return False
+    return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+
+
+def _key(node: fx.Node) -> Any:
+    try:
+        key = (node.target, _freeze(node.args), _freeze(node.kwargs))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return ("node", id(value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
+    if isinstance(value, float) and value != value:
+        raise TypeError("NaN constants never compare equal")
+    return (type(value).__name__, value)
+
+
+def _name(target: Any) -> str:
+    return f"{target.namespace}.{target._opname}" if isinstance(target, torch._ops.OpOverload) else str(target)
