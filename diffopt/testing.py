@@ -30,17 +30,20 @@ class Trace:
         return [g for g in self.graphs if g[0] == pass_name][index][3]
 
 
-def trace(fn: Any, *args: Any, options: Mapping[str, Any] | None = None, **kwargs: Any) -> Trace:
+def trace(
+    fn: Any, *args: Any, options: Mapping[str, Any] | None = None, dynamic: bool | None = None, **kwargs: Any
+) -> Trace:
     """Compile ``fn`` with the diffopt backend (``strict`` on, caches off), call it once.
 
     ``options`` default to ``{"inductor": False}``: rewrites only, which is
-    quick and keeps the graph runnable as it is.
+    quick and keeps the graph runnable as it is. ``dynamic`` is torch.compile's.
     """
     options = {"inductor": False, "strict": True, **(options or {})}
     report = Report()
     graphs: list[tuple[str, str, fx.Graph, fx.Graph]] = []
     torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=functools.partial(diffopt_backend, options=options), fullgraph=True)
+    backend = functools.partial(diffopt_backend, options=options)
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)
     with observing(lambda *record: graphs.append(record)), collecting(report), torch._inductor.config.patch(
         fx_graph_cache=False
     ), torch._functorch.config.patch(enable_autograd_cache=False):

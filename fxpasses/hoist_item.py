@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -356,11 +357,15 @@ def _merge(graph: fx.Graph, read: fx.Node, kept: fx.Node) -> bool:
 
 
 def _erase_chain(graph: fx.Graph, node: Any) -> None:
-    while isinstance(node, fx.Node) and not node.users and node.op == "call_function":
-        inputs = [a for a in node.all_input_nodes]
+    """Erase ``node`` and, transitively, its inputs, as far as nothing else uses them."""
+    todo = [node]
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, fx.Node) or node.op != "call_function" or node.users or getattr(node, "_erased", False):
+            continue
+        inputs = list(dict.fromkeys(node.all_input_nodes))
         graph.erase_node(node)
-        for a in inputs:
-            _erase_chain(graph, a)
+        todo.extend(inputs)
 
 
 # --- (b) on device ----------------------------------------------------------------------
@@ -440,20 +445,43 @@ def _same_layout(a: Any, b: Any) -> bool:
     )
 
 
-def _escapes(node: fx.Node, depth: int = 8) -> bool:
-    """Whether ``node``'s memory reaches a graph output or a mutation through views."""
-    for user in node.users:
-        if user.op == "output":
-            return True
-        if not isinstance(user.target, torch._ops.OpOverload):
-            return True
-        schema = user.target._schema
-        if schema.is_mutable:
-            return True
-        aliasing = any(r.alias_info is not None for r in schema.returns)
-        if aliasing and (depth == 0 or _escapes(user, depth - 1)):
-            return True
-    return False
+def _view_closure(node: fx.Node) -> list[fx.Node] | None:
+    """The views of ``node`` (transitively), in graph order; None if one reaches an output, a
+    mutation, ``as_strided`` (which reads the storage offset) or a non-ATen call."""
+    found: list[fx.Node] = []
+    todo = [node]
+    while todo:
+        for user in todo.pop().users:
+            if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
+                return None
+            schema = user.target._schema
+            if schema.is_mutable or user.target in (aten.as_strided.default, aten.as_strided_scatter.default):
+                return None
+            if any(r.alias_info is not None for r in schema.returns) and user not in found:
+                found.append(user)
+                todo.append(user)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(found, key=order.__getitem__)
+
+
+def _recompute(views: list[fx.Node], changed: dict[fx.Node, Any]) -> dict[fx.Node, Any] | None:
+    """New fake values of ``views`` once the nodes in ``changed`` produce their new values; None
+    if one no longer has its old sizes and strides."""
+    mode = detect_fake_mode(list(changed.values()))
+    values = dict(changed)
+    with mode:
+        for view in views:
+            args, kwargs = fx.node.map_aggregate(
+                (view.args, view.kwargs), lambda a: values[a] if isinstance(a, fx.Node) and a in values else fake_value(a)
+            )
+            try:
+                values[view] = view.target(*args, **kwargs)
+            except Exception:
+                return None
+            old = fake_value(view)
+            if isinstance(old, torch.Tensor) and not _same_layout(values[view], old):
+                return None
+    return {view: values[view] for view in views}
 
 
 def _to_device(graph: fx.Graph, read: fx.Node, element: _Element, select_on_device: bool) -> bool:
@@ -461,11 +489,17 @@ def _to_device(graph: fx.Graph, read: fx.Node, element: _Element, select_on_devi
     plan = _plan(read, source, select_on_device)
     if not plan:
         return False
-    if any(kind == "select" and _escapes(user) for user, kind in plan):
-        return False
+    views: dict[fx.Node, list[fx.Node]] = {}
+    for user, kind in plan:
+        if kind == "select":
+            closure = _view_closure(user)
+            if closure is None:
+                return False
+            views[user] = closure
     removed = {read} | {user for user, kind in plan}
-    if _symbols_escape(graph, removed):
+    if _symbols_escape(graph, removed, [v for closure in views.values() for v in closure]):
         return False
+    symbols = set().union(*(_symbols(node) for node in removed))
 
     created: list[fx.Node] = []
 
@@ -475,26 +509,33 @@ def _to_device(graph: fx.Graph, read: fx.Node, element: _Element, select_on_devi
         return node
 
     replacements: dict[fx.Node, fx.Node] = {}
+    updates: dict[fx.Node, Any] = {}
     with graph.inserting_before(read):
         element_node = _element_tensor(element, call)
     for user, kind in plan:
         value = fake_value(user)
         with graph.inserting_before(user):
             if kind == "fill":
-                new = call(aten._to_copy.default, (element_node,), {"dtype": value.dtype, "device": value.device})
+                new = _cast(call, element_node, value.dtype, value.device)
                 size = user.args[0] if user.target is aten.full.default else []
                 if list(size):
                     new = call(aten.expand.default, (new, size))
-                    new = call(aten.clone.default, (new,), {"memory_format": torch.contiguous_format})
+                # a fresh contiguous tensor, as full() made
+                new = call(aten.clone.default, (new,), {"memory_format": torch.contiguous_format})
             elif kind == "arith":
-                operand = call(aten._to_copy.default, (element_node,), {"dtype": value.dtype, "device": value.device})
+                operand = _cast(call, element_node, value.dtype, value.device)
                 new = call(user.target, (user.args[0], operand), dict(user.kwargs))
             else:
                 table = user.args[0]
                 dim = user.args[1] % fake_value(table).dim()
-                index = call(aten._to_copy.default, (element_node,), {"dtype": torch.int64, "device": fake_value(table).device})
+                index = _cast(call, element_node, torch.int64, fake_value(table).device)
                 new = call(aten.index.Tensor, (table, [None] * dim + [index]))
-        if not _same_layout(fake_value(new), value):
+        ok = _same_layout(fake_value(new), value)
+        if ok and kind == "select":
+            recomputed = _recompute(views[user], {user: fake_value(new)})
+            ok = recomputed is not None and not any(free_unbacked_symbols(v) & symbols for v in recomputed.values())
+            updates.update(recomputed or {})
+        if not ok:
             for node in reversed(created):  # only used by each other: erase users first
                 graph.erase_node(node)
             return False
@@ -502,10 +543,22 @@ def _to_device(graph: fx.Graph, read: fx.Node, element: _Element, select_on_devi
     for user, new in replacements.items():
         user.replace_all_uses_with(new)
         graph.erase_node(user)
+    for view, value in updates.items():
+        view.meta["val"] = value
     chain_start = read.args[0]
     graph.erase_node(read)
     _erase_chain(graph, chain_start)
     return True
+
+
+def _cast(call: Any, node: fx.Node, dtype: torch.dtype, device: torch.device) -> fx.Node:
+    """``node`` in ``dtype`` on ``device``, with the ops Inductor's decompositions leave (not ``_to_copy``)."""
+    value = fake_value(node)
+    if value.device != device:
+        node = call(prims.device_put.default, (node, device))
+    if value.dtype != dtype:
+        node = call(prims.convert_element_type.default, (node, dtype))
+    return node
 
 
 def _element_tensor(element: _Element, call: Any) -> fx.Node:

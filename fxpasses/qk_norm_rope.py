@@ -54,6 +54,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call
 from diffopt.kernels.reference import apply_rope
@@ -113,6 +114,28 @@ class QKNormRope(GraphPass):
                     break
 
 
+# --- shapes (dims may be symbolic: batch and tokens often are) -------------------
+
+
+def _concrete(size: Any) -> int | None:
+    return int(size) if is_concrete_int(size) else None
+
+
+def _concrete_shape(sizes: Any) -> tuple[int, ...]:
+    shape = tuple(_concrete(size) for size in sizes)
+    if None in shape:
+        raise _NoMatch  # a head's channels must be known at compile time
+    return shape
+
+
+def _same(a: Any, b: Any) -> bool:
+    return statically_known_true(a == b)
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
 # --- the norm ------------------------------------------------------------------
 
 
@@ -163,7 +186,9 @@ def _match_norm(rsqrt: fx.Node) -> _Norm | None:
     other = scale.args[0] if scale.args[1] is rsqrt else scale.args[1]
     if _strip_casts(other) is not source:
         return None
-    size = x_val.shape[-1]
+    size = _concrete(x_val.shape[-1])
+    if size is None:
+        return None
     nodes = [square, mean, add, rsqrt, scale]
     if upcast is not source:
         nodes.insert(0, upcast)
@@ -176,7 +201,7 @@ def _match_norm(rsqrt: fx.Node) -> _Norm | None:
         elif weight is None and user.target is aten.mul.Tensor and out in user.args:
             w = user.args[0] if user.args[1] is out else user.args[1]
             w_val = fake_value(w)
-            if not isinstance(w_val, torch.Tensor) or w_val.numel() != size or w_val.shape[-1] != size:
+            if not isinstance(w_val, torch.Tensor) or _concrete(w_val.numel()) != size or _concrete(w_val.shape[-1]) != size:
                 break
             weight, out = _strip_casts(w), user
         else:
@@ -201,8 +226,8 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | None:
         view_val = fake_value(users[0])
         if (
             view_val.dim() == out_val.dim() + 1
-            and tuple(view_val.shape[:-2]) == tuple(out_val.shape[:-1])
-            and view_val.shape[-2] * view_val.shape[-1] == norm.size
+            and _same_shape(view_val.shape[:-2], out_val.shape[:-1])
+            and _same(view_val.shape[-2] * view_val.shape[-1], norm.size)
         ):
             candidates.append((users[0], "hidden"))
     candidates.append((norm.out, "head"))
@@ -214,7 +239,7 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | None:
         region, exits = _grow_region(x, position)
         for exit_node in reversed(exits):
             exit_val = fake_value(exit_node)
-            if not isinstance(exit_val, torch.Tensor) or tuple(exit_val.shape) != tuple(x_val.shape):
+            if not isinstance(exit_val, torch.Tensor) or not _same_shape(exit_val.shape, x_val.shape):
                 continue
             members = [n for n in region if position[n] <= position[exit_node]]
             with unset_fake_temporarily():  # rows are real tensors, whatever mode compiles the graph
@@ -272,7 +297,7 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
     """(cos, sin, style, rope_dim) if the region from x to exit_node is a rotation, else None."""
     member_set = set(members)
     x_val = fake_value(x)
-    head_dim = x_val.shape[-1]
+    head_dim = _concrete(x_val.shape[-1])
     leaves = {}
     for node in members:
         for arg in node.all_input_nodes:
@@ -292,11 +317,11 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
             return None
         tables.append(leaf)
     if len(tables) == 1 and fake_value(tables[0]).is_complex():
-        length = fake_value(tables[0]).shape[-1]
+        length = _concrete(fake_value(tables[0]).shape[-1]) or 0
         candidates = [((tables[0], 0), (tables[0], 1), style, 2 * length) for style in ("interleaved", "neox")]
     elif len(tables) == 2 and not any(fake_value(t).is_complex() for t in tables):
-        length = fake_value(tables[0]).shape[-1]
-        if fake_value(tables[1]).shape[-1] != length:
+        length = _concrete(fake_value(tables[0]).shape[-1]) or 0
+        if _concrete(fake_value(tables[1]).shape[-1]) != length:
             return None
         candidates = []
         for cos, sin in ((tables[0], tables[1]), (tables[1], tables[0])):
@@ -330,7 +355,7 @@ def _broadcasts_over_heads(table: torch.Tensor, x: torch.Tensor, lead_rank: int)
     if len(lead) > len(x_lead):
         return False
     lead = [1] * (len(x_lead) - len(lead)) + lead
-    return lead[-1] == 1 and all(t in (1, s) for t, s in zip(lead[:-1], x_lead[:-1]))
+    return _same(lead[-1], 1) and all(_same(t, 1) or _same(t, s) for t, s in zip(lead[:-1], x_lead[:-1]))
 
 
 class _NoMatch(Exception):
@@ -369,7 +394,7 @@ def _evaluate(x, exit_node, members, lead_rank, generator, poison=None, leaf_row
     rows: dict[fx.Node, Any] = {}
     leaf_rows = {} if leaf_rows is None else leaf_rows
     x_val = fake_value(x)
-    leaf_rows[x] = torch.randn(tuple(x_val.shape[lead_rank:]), generator=generator, dtype=torch.float64)
+    leaf_rows[x] = torch.randn(_concrete_shape(x_val.shape[lead_rank:]), generator=generator, dtype=torch.float64)
     rows[x] = leaf_rows[x]
     member_set = set(members)
 
@@ -382,7 +407,7 @@ def _evaluate(x, exit_node, members, lead_rank, generator, poison=None, leaf_row
             val = fake_value(arg)
             if not isinstance(val, torch.Tensor):
                 raise _NoMatch
-            tail = tuple(val.shape[max(0, val.dim() - tail_rank):])
+            tail = _concrete_shape(val.shape[max(0, val.dim() - tail_rank):])
             if arg not in leaf_rows:
                 dtype = torch.complex128 if val.is_complex() else torch.float64
                 leaf_rows[arg] = torch.randn(tail, generator=generator, dtype=dtype)
@@ -417,9 +442,9 @@ def _row_op(node: fx.Node, value: Callable[[Any], Any], lead_rank: int) -> Any:
 
     def out_tail():
         out = fake_value(node)
-        if tuple(out.shape[:lead_rank]) != tuple(in_val.shape[:lead_rank]):
+        if not _same_shape(out.shape[:lead_rank], in_val.shape[:lead_rank]):
             raise _NoMatch
-        return tuple(out.shape[lead_rank:])
+        return _concrete_shape(out.shape[lead_rank:])
 
     if target is operator.getitem:
         return value(args[0])[args[1]]
@@ -531,8 +556,8 @@ def _compatible(q: _Site, k: _Site) -> bool:
         and _same_table(q.cos, k.cos)
         and _same_table(q.sin, k.sin)
         and qv.dim() == kv.dim()
-        and tuple(qv.shape[:-2]) == tuple(kv.shape[:-2])
-        and qv.shape[-1] == kv.shape[-1]
+        and _same_shape(qv.shape[:-2], kv.shape[:-2])
+        and _same(qv.shape[-1], kv.shape[-1])
         and fake_value(q.exit).dtype == fake_value(k.exit).dtype
         and fake_value(q.norm.source).dtype == fake_value(k.norm.source).dtype
     )
@@ -568,7 +593,8 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], 
         )
         for index, site in enumerate((q, k)):
             out = insert_call(graph, operator.getitem, (fused, index), site.exit)
-            out = insert_call(graph, aten.reshape.default, (out, list(fake_value(site.exit).shape)), site.exit)
+            if fake_value(site.x).dim() == 3:
+                out = insert_call(graph, aten.squeeze.dim, (out, 0), site.exit)
             site.exit.replace_all_uses_with(out)
     for site in (q, k):
         erase_unused(graph, site.region + site.norm.nodes)
@@ -610,10 +636,12 @@ def _as_bsHD(graph: fx.Graph, site: _Site, out_dtype: torch.dtype) -> fx.Node:
     if fake_value(source).dtype != out_dtype:
         # The stock code keeps the higher-precision result: compute in that dtype.
         source = insert_call(graph, prims.convert_element_type.default, (source, out_dtype), site.exit)
-    shape = list(x_val.shape)
-    if len(shape) == 3:
-        shape = [1] + shape
-    return insert_call(graph, aten.reshape.default, (source, shape), site.exit)
+    if site.norm_over == "hidden":
+        # [..., H*D] -> [..., H, D], with the shape the graph itself uses for the head split
+        source = insert_call(graph, site.x.target, (source, site.x.args[1]), site.exit)
+    if x_val.dim() == 3:  # unbatched tokens [N, H, D] -> [1, N, H, D]
+        source = insert_call(graph, aten.unsqueeze.default, (source, 0), site.exit)
+    return source
 
 
 def _table_as_bs1L(graph: fx.Graph, spec: Any, lead_rank: int, origin: fx.Node) -> fx.Node:
@@ -621,8 +649,7 @@ def _table_as_bs1L(graph: fx.Graph, spec: Any, lead_rank: int, origin: fx.Node) 
     if part is not None:
         node = insert_call(graph, aten.view_as_real.default, (node,), origin)
         node = insert_call(graph, aten.select.int, (node, -1, part), origin)
-    val = fake_value(node)
-    shape = [1] * (lead_rank + 1 - val.dim()) + list(val.shape)
-    if lead_rank == 2:
-        shape = [1] + shape
-    return insert_call(graph, aten.reshape.default, (node, shape), origin)
+    # Right-aligned with the heads tensor's [tokens..., H, L]; the kernel wants [B, S, 1, L].
+    for _ in range(4 - fake_value(node).dim()):
+        node = insert_call(graph, aten.unsqueeze.default, (node, 0), origin)
+    return node

@@ -1,0 +1,40 @@
+"""dedupe: a pure op applied twice to the same inputs is computed once; random and mutating ops never."""
+import torch
+
+from diffopt.testing import count_ops, trace
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@torch.no_grad()
+def test_the_same_rotation_twice_is_computed_once():
+    # diffusers Cosmos3 rotates k_und and its alias k_und_for_gen with the same tables.
+    def twice(k, cos, sin):
+        a = k * cos + rotate_half(k) * sin
+        b = k * cos + rotate_half(k) * sin
+        return a.sum(-1), b.amax(-1)
+
+    k, cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    result = trace(twice, k, cos, sin)
+    before, after = count_ops(result.before("dedupe")), count_ops(result.after("dedupe"))
+    assert before["aten.cat.default"] == 2 and after["aten.cat.default"] == 1
+    assert after["aten.mul.Tensor"] == before["aten.mul.Tensor"] // 2
+    for got, want in zip(result.output, twice(k, cos, sin)):
+        assert torch.equal(got, want)
+
+
+@torch.no_grad()
+def test_random_ops_and_different_constants_are_kept():
+    def draws(x):
+        return x + torch.rand_like(x), x + torch.rand_like(x), x * 2.0, x * 3.0
+
+    x = torch.randn(4, 4)
+    result = trace(draws, x)
+    after = count_ops(result.after("dedupe"))
+    assert result.report.matches("dedupe") == 0
+    assert after["aten.mul.Tensor"] == 2
+    a, b, _, _ = result.output
+    assert not torch.equal(a, b)
