@@ -27,7 +27,6 @@ import gc
 import torch
 import torch.nn.functional as F
 
-import diffopt
 from diffopt.models import Cosmos3GenLayer, cosmos3_example_inputs, get_config
 
 HEADS, KV_HEADS, HEAD_DIM, SEQ = 32, 8, 128, 28520

@@ -243,7 +243,7 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | None:
                 continue
             members = [n for n in region if position[n] <= position[exit_node]]
             with unset_fake_temporarily():  # rows are real tensors, whatever mode compiles the graph
-                layout = _identify_rotation(x, exit_node, members, lead_rank)
+                layout = _identify_rotation(x, exit_node, members, lead_rank, position)
             if layout is not None:
                 return _Site(norm, norm_over, x, exit_node, members, *layout)
     return None
@@ -293,7 +293,7 @@ def _grow_region(x: fx.Node, position: dict[fx.Node, int]) -> tuple[list[fx.Node
     return region, exits
 
 
-def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], lead_rank: int):
+def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], lead_rank: int, position):
     """(cos, sin, style, rope_dim) if the region from x to exit_node is a rotation, else None."""
     member_set = set(members)
     x_val = fake_value(x)
@@ -301,7 +301,7 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
     leaves = {}
     for node in members:
         for arg in node.all_input_nodes:
-            if arg not in member_set and not _derived_from(arg, x, member_set):
+            if arg not in member_set and not _derived_from(arg, x, position):
                 leaves[arg] = None
             elif arg not in member_set:
                 return None  # reads x through an op outside the region
@@ -335,13 +335,14 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
     return None
 
 
-def _derived_from(node: fx.Node, x: fx.Node, region: set[fx.Node]) -> bool:
+def _derived_from(node: fx.Node, x: fx.Node, position: dict[fx.Node, int]) -> bool:
+    # Only nodes after x can depend on it: the search stays between x and the node.
     stack, seen = [node], set()
     while stack:
         current = stack.pop()
         if current is x:
             return True
-        if current in seen or current.op == "placeholder":
+        if current in seen or position[current] < position[x]:
             continue
         seen.add(current)
         stack.extend(current.all_input_nodes)

@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.fx as fx
 
 import diffopt
 import diffopt.fxpasses

@@ -1,5 +1,4 @@
 """split_contiguous: fires on the stock forms, not on near-misses, and never changes results."""
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
