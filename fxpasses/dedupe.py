@@ -10,8 +10,8 @@ diffusers' Cosmos3 rotating one normed K twice (``k_und`` and its alias
 Optimized form: the second computation is dropped and its users read the first.
 Besides the saved work, later rewrites then see one value with one definition.
 
-Preconditions: the op is an ATen/prims op that neither mutates nor draws random
-numbers, and both nodes have the same target, the same arguments (the same nodes
+Preconditions: the op is an ATen/prims op that neither mutates, draws random
+numbers, nor has a data-dependent output (``.item()``, ``nonzero``), and both nodes have the same target, the same arguments (the same nodes
 or equal constants) and the same keyword arguments.
 """
 from __future__ import annotations
@@ -51,7 +51,10 @@ def _pure(target: Any) -> bool:
         return True
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
         return False
-    return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+    # Data-dependent outputs (.item(), nonzero) define their own unbacked symbols, which the
+    # graph's other values refer to by name: merging them is the hoist_item pass's job.
+    excluded = {torch.Tag.nondeterministic_seeded, torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape}
+    return not target._schema.is_mutable and not excluded.intersection(target.tags)
 
 
 def _key(node: fx.Node) -> Any:

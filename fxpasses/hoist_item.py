@@ -26,7 +26,9 @@ Optimized form, in three rewrites:
   (made contiguous), ``add``/``sub``/``mul`` with the number take the 0-d element
   tensor instead, and ``select(x, dim, t)`` (``table[t]``) becomes the gather
   ``index(x, [..., element])`` (option ``select_on_device``, on by default).
-  A ``.cpu()`` copy on the way is skipped: the element is taken where it lives.
+  A ``.cpu()`` copy on the way is skipped: the element is taken where it lives,
+  and only where it is used (a CPU timestep feeding a GPU model keeps its read,
+  which is no device sync; copying it over would be).
 - Hoist: a read that stays (its number decides sizes, slices or other host
   logic) moves, with its view chain, to right after the last of its inputs: for
   a step input that is the top of the graph, before the step's kernels.
@@ -41,7 +43,10 @@ Preconditions (else the read is left as it is):
   what it reads).
 - Symbols: the unbacked symbols that an erased read or a replaced ``select``
   defined appear nowhere else in the graph's metadata, except in scalar
-  arithmetic on the read, which is recomputed from the kept read.
+  arithmetic on a merged read and in views of a replaced ``select`` (their fake
+  values are recomputed, and must keep their sizes and strides).
+- Same device: every tensor use of the number is on the device the element
+  lives on (after skipping device copies).
 - Exact results: a number is replaced by a tensor only where the result is the
   same bit for bit: ``full``/``scalar_tensor`` of a dtype whose range holds the
   element's dtype (``full`` refuses values that overflow; a cast would wrap);
@@ -65,7 +70,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value, insert_call
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -104,7 +109,7 @@ class HoistItem(GraphPass):
             if element is not None and not element.touches(mutated):
                 elements[read] = element
 
-        # (a) one read per element
+        # Deduplicate: one read per element.
         first: dict[tuple[fx.Node, int], fx.Node] = {}
         for read in reads:
             element = elements.get(read)
@@ -117,7 +122,7 @@ class HoistItem(GraphPass):
             elements.pop(read)
 
         for read, element in list(elements.items()):
-            # (b) no read where only tensor math uses the number
+            # On device: no read where only tensor math uses the number.
             if _to_device(graph, read, element, self.config["select_on_device"]):
                 log.add(
                     read,
@@ -125,7 +130,7 @@ class HoistItem(GraphPass):
                     by="on-device tensor ops (no sync)",
                 )
                 continue
-            # (c) the read that stays comes first
+            # Hoist: the read that stays comes first.
             passed = _hoist(graph, read, element)
             if passed:
                 log.add(read, replaced=f".item() read of {element.describe()} after {passed} op(s)", by="the same read, hoisted")
@@ -150,6 +155,13 @@ class _Element:
         value = fake_value(self.root)
         shape = list(value.shape) if isinstance(value, torch.Tensor) else "?"
         return f"{self.root.name}{shape}[{self.index}]"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the element lives once device copies on the chain are skipped."""
+        copied = any(_is_device_copy(step) for step in self.chain)
+        node = self.root if copied or not self.chain else self.chain[-1]
+        return fake_value(node).device
 
     def touches(self, mutated: set) -> bool:
         for node in [self.root, *self.chain]:
@@ -339,7 +351,7 @@ def _symbols_escape(graph: fx.Graph, removed: set[fx.Node], recomputed: Iterable
     return any(node not in skip and free_unbacked_symbols(fake_value(node)) & symbols for node in graph.nodes)
 
 
-# --- (a) merge -------------------------------------------------------------------------
+# --- deduplicate -------------------------------------------------------------------------
 
 
 def _merge(graph: fx.Graph, read: fx.Node, kept: fx.Node) -> bool:
@@ -368,7 +380,7 @@ def _erase_chain(graph: fx.Graph, node: Any) -> None:
         todo.extend(inputs)
 
 
-# --- (b) on device ----------------------------------------------------------------------
+# --- on device ----------------------------------------------------------------------
 
 
 def _fits(source: torch.dtype, target: torch.dtype) -> bool:
@@ -389,8 +401,11 @@ def _range(dtype: torch.dtype) -> tuple[float, float]:
     return float(info.min), float(info.max)
 
 
-def _plan(read: fx.Node, source: torch.dtype, select_on_device: bool) -> list[tuple[fx.Node, str]] | None:
-    """How each user of ``read`` takes the element as a tensor, or None if one cannot."""
+def _plan(
+    read: fx.Node, source: torch.dtype, device: torch.device, select_on_device: bool
+) -> list[tuple[fx.Node, str]] | None:
+    """How each user of ``read`` takes the element (``source`` dtype, on ``device``) as a tensor,
+    or None if one cannot."""
     plan = []
     for user in read.users:
         value = fake_value(user)
@@ -423,6 +438,10 @@ def _plan(read: fx.Node, source: torch.dtype, select_on_device: bool) -> list[tu
         else:
             return None
         if kind != "select" and (value.dtype is torch.bool or not _fits(source, value.dtype)):
+            return None
+        # The element must already be where it is used: a copy between devices (a CPU timestep
+        # for a GPU model, say) would sync where the host read of a CPU tensor does not.
+        if fake_value(user.args[0] if kind == "select" else user).device != device:
             return None
         plan.append((user, kind))
     return plan
@@ -486,7 +505,7 @@ def _recompute(views: list[fx.Node], changed: dict[fx.Node, Any]) -> dict[fx.Nod
 
 def _to_device(graph: fx.Graph, read: fx.Node, element: _Element, select_on_device: bool) -> bool:
     source = fake_value(read.args[0]).dtype
-    plan = _plan(read, source, select_on_device)
+    plan = _plan(read, source, element.device, select_on_device)
     if not plan:
         return False
     views: dict[fx.Node, list[fx.Node]] = {}
@@ -581,7 +600,7 @@ def _element_tensor(element: _Element, call: Any) -> fx.Node:
     return node
 
 
-# --- (c) hoist ----------------------------------------------------------------------------
+# --- hoist ----------------------------------------------------------------------------
 
 
 def _hoist(graph: fx.Graph, read: fx.Node, element: _Element) -> int:
@@ -592,6 +611,8 @@ def _hoist(graph: fx.Graph, read: fx.Node, element: _Element) -> int:
     last_head = max((order[n] for n in graph.nodes if n.op in _HEAD_OPS), default=-1)
     inputs = [a for n in moving for a in n.all_input_nodes if a not in moving_set]
     anchor_index = max([last_head] + [order[a] for a in inputs])
+    if anchor_index < 0:  # nothing to come after (no inputs at all): leave it
+        return 0
     nodes = list(graph.nodes)
     passed = sum(
         1

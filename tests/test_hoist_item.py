@@ -298,6 +298,31 @@ def test_a_device_copy_on_the_way_is_skipped():
     assert torch.equal(gm(x, t), f(x, t))
 
 
+def test_a_timestep_on_another_device_keeps_its_read():
+    # A CPU timestep feeding a model on another device ("meta" stands in for a GPU here): its
+    # read is no device sync, copying it over would be one, so it stays; on the model's device
+    # it goes.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from diffopt.fxpasses.hoist_item import HoistItem
+    from diffopt.graph_pass import RewriteLog
+
+    def f(x, t, table):
+        s = t[0].item()
+        return x * torch.full((), s, device=x.device) + table.select(0, s)
+
+    reads = {}
+    with FakeTensorMode(shape_env=ShapeEnv()):
+        x, table = torch.empty(4, device="meta"), torch.empty(10, 4, device="meta")
+        for device in ("cpu", "meta"):
+            gm = make_fx(f)(x, torch.empty(2, dtype=torch.long, device=device), table)
+            HoistItem().apply(gm.graph, RewriteLog())
+            reads[device] = count_ops(gm.graph)[READ]
+    assert reads == {"cpu": 1, "meta": 0}
+
+
 @torch.no_grad()
 def test_indexing_keeps_one_read_when_select_on_device_is_off():
     x, t, table = torch.randn(4), torch.tensor([3]), torch.randn(10, 4)
