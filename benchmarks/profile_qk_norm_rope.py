@@ -1,7 +1,7 @@
 """Where the time of one QK-norm + RoPE call goes on CUDA: CPU-side overhead vs GPU kernels.
 
-Profiles the fused op alone and the stock Cosmos3 segment compiled with Inductor and with
-diffopt, at the anchor shapes; prints per call the wall time, the CPU time spent launching and
+Profiles the fused op alone and the stock segments compiled with Inductor and with diffopt
+(also under CUDA graphs, ``mode="reduce-overhead"``), at the anchor shapes; prints per call the wall time, the CPU time spent launching and
 every CUDA kernel with its time. For telling a launch-bound call from a slow kernel.
 
     python benchmarks/profile_qk_norm_rope.py
@@ -52,6 +52,10 @@ def main():
     torch._dynamo.reset()
     report("cosmos3 diffopt", torch.compile(cosmos3_stock, backend="diffopt"), args)
     torch._dynamo.reset()
+    report("cosmos3 inductor+cudagraphs", torch.compile(cosmos3_stock, mode="reduce-overhead"), args)
+    torch._dynamo.reset()
+    report("cosmos3 diffopt+cudagraphs", torch.compile(cosmos3_stock, backend="diffopt", mode="reduce-overhead"), args)
+    torch._dynamo.reset()
     S, heads = 32760, 12
     q = torch.randn(1, S, heads * 128, device=dev, dtype=bf16)
     k = torch.randn(1, S, heads * 128, device=dev, dtype=bf16)
@@ -66,6 +70,8 @@ def main():
     report("wan1.3b inductor", torch.compile(stock), args)
     torch._dynamo.reset()
     report("wan1.3b diffopt", torch.compile(stock, backend="diffopt"), args)
+    torch._dynamo.reset()
+    report("wan1.3b diffopt+cudagraphs", torch.compile(stock, backend="diffopt", mode="reduce-overhead"), args)
 
 
 if __name__ == "__main__":
