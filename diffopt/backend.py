@@ -98,9 +98,23 @@ def _compile_without_inductor(
 
 @contextlib.contextmanager
 def dynamo_config() -> Iterator[None]:
-    """Patches ``torch._dynamo.config`` with :data:`DYNAMO_CONFIG` (the backend's ``backend_ctx_ctor``)."""
-    with torch._dynamo.config.patch(DYNAMO_CONFIG):
+    """Patches ``torch._dynamo.config`` with :data:`DYNAMO_CONFIG` (the backend's ``backend_ctx_ctor``).
+
+    Dynamo enters it on every call of a compiled frame, so it does the least it can: nothing
+    when the config already holds those values.
+    """
+    config = torch._dynamo.config
+    previous = {key: getattr(config, key) for key in DYNAMO_CONFIG}
+    if previous == DYNAMO_CONFIG:
         yield
+        return
+    for key, value in DYNAMO_CONFIG.items():
+        setattr(config, key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            setattr(config, key, value)
 
 
 diffopt_backend.backend_ctx_ctor = dynamo_config  # type: ignore[attr-defined]

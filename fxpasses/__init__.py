@@ -3,13 +3,23 @@
 Adding a pass: a new file here with a ``GraphPass`` subclass, plus its line below.
 """
 from .dedupe import Dedupe
+from .fold_invariant import FoldInvariant
 from .qk_norm_rope import QKNormRope
 from .hoist_item import HoistItem
 from .split_contiguous import SplitContiguous
+from .ulysses_prefix import UlyssesPrefix
+from .batch_all_to_all import BatchAllToAll
+from .padded_buffer import PaddedBuffer
+from .fold_gathers import FoldGathers
 
 PIPELINE = [
+    UlyssesPrefix,
     SplitContiguous,
     Dedupe,
+    FoldInvariant,
     QKNormRope,
     HoistItem,
+    PaddedBuffer,
+    FoldGathers,
+    BatchAllToAll,
 ]

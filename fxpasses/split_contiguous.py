@@ -23,6 +23,8 @@ Preconditions (all proven on the graph's fake tensors, else no rewrite):
   consumers satisfy this. A ``view`` that the strided layout does not allow
   (merging dims the split made non-adjacent, say) fails this, and so does a
   ``reshape`` that would copy the strided tensor (the copy would only move).
+  Views are decided with ATen's own viewability rule on the exact sizes and
+  strides (fake tensors accept some views eager rejects), so they need static sizes.
 - Consumers: no graph output, mutating op, op with a fixed-stride contract, or
   non-ATen call is reached through a changed layout (those need the memory as
   it was).
@@ -37,8 +39,7 @@ import operator
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.multiprocessing.reductions import StorageWeakRef
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value
 
@@ -108,8 +109,43 @@ def _same_layout(a: object, b: object) -> bool:
     return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)
 
 
-def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
+_VIEW_OR_RESHAPE = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _viewable(value: torch.Tensor, result: torch.Tensor) -> bool:
+    """Whether ``value`` (strided) can be viewed with ``result``'s sizes without a copy.
+
+    Decided with ATen's own rule (``computeStride``), written out here: fake tensors and
+    the Python reference of ``view`` accept some views that eager rejects (a size-1 dim
+    between strides that do not chain). Symbolic sizes are not decided: no.
+    """
+    sizes = [_static(x) for x in value.shape]
+    strides = [_static(x) for x in value.stride()]
+    target = [_static(x) for x in result.shape]
+    if None in sizes or None in strides or None in target:
+        return False
+    if 0 in sizes:
+        return True
+    view_d = len(target) - 1
+    chunk_base_stride = strides[-1] if strides else 1
+    tensor_numel = view_numel = 1
+    for tensor_d in range(len(sizes) - 1, -1, -1):
+        tensor_numel *= sizes[tensor_d]
+        # A chunk ends where the next-outer dim is not contiguous with this one.
+        if tensor_d == 0 or (sizes[tensor_d - 1] != 1 and strides[tensor_d - 1] != tensor_numel * chunk_base_stride):
+            while view_d >= 0 and (view_numel < tensor_numel or target[view_d] == 1):
+                view_numel *= target[view_d]
+                view_d -= 1
+            if view_numel != tensor_numel:
+                return False
+            if tensor_d > 0:
+                chunk_base_stride = strides[tensor_d - 1]
+                tensor_numel = view_numel = 1
+    return view_d == -1
+
+
+def _static(size: object) -> int | None:
+    return int(size) if is_concrete_int(size) else None
 
 
 def _functional_aten(target: object) -> bool:
@@ -141,8 +177,8 @@ def _consumers_accept(node: fx.Node, new_value: object, updates: dict, depth: in
             user_value = user.target(*args, **kwargs)
         except Exception:  # the op rejects the layout (an impossible view, say)
             return False
-        if user.target is aten.reshape.default and not _aliases(user_value, new_value):
-            return False  # the reshape would copy: the copy only moves
+        if user.target in _VIEW_OR_RESHAPE and not _viewable(new_value, fake_value(user)):
+            return False  # a view eager rejects, or a reshape that would copy (the copy only moves)
         if _same_layout(user_value, fake_value(user)):
             continue
         updates[user] = user_value

@@ -210,3 +210,26 @@ def test_not_when_a_reshape_would_copy_instead():
     assert result.report.matches("split_contiguous") == 0
     assert count_ops(result.after("split_contiguous"))[CLONE] == 1
     torch.testing.assert_close(result.output, unpatchify(x))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    seed=st.integers(0, 10_000),
+)
+def test_viewability_rule_agrees_with_eager(sizes, seed):
+    # The pass decides views with ATen's rule, not with fake tensors (which accept some views
+    # eager rejects, e.g. [2, 1, 4] with strides (5, 5, 1) as [8]).
+    from diffopt.fxpasses.split_contiguous import _viewable
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.empty(sizes).permute(*torch.randperm(len(sizes), generator=g).tolist())
+    t = t[tuple(slice(0, int(torch.randint(1, n + 1, (1,), generator=g))) for n in t.shape)]
+    n = t.numel()
+    for shape in ([n], [1, n], list(t.shape[::-1]), [t.shape[0], n // t.shape[0]]):
+        try:
+            t.view(shape)
+            eager = True
+        except RuntimeError:
+            eager = False
+        assert _viewable(t, torch.empty(shape)) == eager, (t.shape, t.stride(), shape)

@@ -1,0 +1,148 @@
+"""FX helpers shared by the all-to-all passes (``ulysses_prefix``, ``batch_all_to_all``).
+
+Post-grad, a functional all-to-all reads::
+
+    a = torch.ops._c10d_functional.all_to_all_single.default(x, output_split_sizes, input_split_sizes, group_name)
+    y = torch.ops._c10d_functional.wait_tensor.default(a)
+
+``x`` is split along dim 0 into ``input_split_sizes`` rows, chunk j going to rank j of
+the group; ``y`` stacks along dim 0 what every rank j sent to this one, in rank order.
+These passes only touch the equal-split form (what ``funcol.all_to_all_single(x, None,
+None, group)`` produces): every split is ``x.shape[0] / world_size`` rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from diffopt.graph_pass import fake_value
+
+A2A = torch.ops._c10d_functional.all_to_all_single.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+
+@dataclasses.dataclass
+class AllToAll:
+    node: fx.Node  # all_to_all_single
+    wait: fx.Node  # its wait_tensor, the only user
+    input: fx.Node
+    group_name: str
+    world_size: int
+    rows: int  # rows of dim 0 per rank (the equal split)
+    value: torch.Tensor  # fake input
+
+    @property
+    def bytes(self) -> int:
+        """Bytes this rank sends to the other ranks (its own chunk stays local)."""
+        return self.value.numel() * self.value.element_size() * (self.world_size - 1) // self.world_size
+
+
+def concrete(size: Any) -> int | None:
+    return int(size) if is_concrete_int(size) else None
+
+
+def match_all_to_all(node: fx.Node) -> AllToAll | None:
+    """``node`` as an equal-split all-to-all with static sizes whose only user is its wait, else None."""
+    if node.op != "call_function" or node.target is not A2A or len(node.users) != 1:
+        return None
+    wait = next(iter(node.users))
+    if wait.target is not WAIT:
+        return None
+    args = list(node.args) + [None] * 4
+    source, out_splits, in_splits, group_name = args[:4]
+    group_name = node.kwargs.get("group_name", group_name)
+    value = fake_value(source)
+    if not isinstance(source, fx.Node) or not isinstance(value, torch.Tensor) or not isinstance(group_name, str):
+        return None
+    if any(concrete(size) is None for size in value.shape) or value.dim() == 0:
+        return None
+    splits = [concrete(s) for s in list(out_splits or []) + list(in_splits or [])]
+    world_size = len(out_splits or [])
+    if world_size == 0 or len(splits) != 2 * world_size or None in splits or len(set(splits)) != 1:
+        return None
+    rows = splits[0]
+    if rows * world_size != value.shape[0]:
+        return None
+    return AllToAll(node, wait, source, group_name, world_size, rows, value)
+
+
+def group_rank(group_name: str, world_size: int) -> int | None:
+    """This process's rank in the process group ``group_name`` (as the collective names it), or None."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    try:
+        group = distributed_c10d._resolve_process_group(group_name)
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+    except Exception:
+        return None
+    if size != world_size or not 0 <= rank < size:
+        return None
+    return rank
+
+
+def topology() -> str:
+    """Every process group this process belongs to, with its rank in it (for cache keys).
+
+    A pass that bakes a rank into the graph must key Inductor's FX graph cache on it:
+    every rank compiles the same graph, and the cache is shared by the processes of a host.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    if not dist.is_available() or not dist.is_initialized():
+        return "no process group"
+    parts = []
+    world = distributed_c10d._world
+    for group, name in list(world.pg_names.items()):
+        ranks = world.pg_group_ranks.get(group, {})
+        try:
+            rank = dist.get_rank(group)
+        except Exception:
+            rank = -1
+        parts.append(f"{name}:{rank}:{sorted(ranks)}")
+    return f"rank {dist.get_rank()}; " + "; ".join(sorted(parts))
+
+
+def ancestors(node: fx.Node, stop: int, position: dict[fx.Node, int]) -> set[fx.Node]:
+    """Every node ``node`` depends on, not looking at nodes placed before ``position == stop``."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen and position[arg] >= stop:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
+def restore_topological_order(graph: fx.Graph) -> None:
+    """Reorder ``graph`` so that every node comes after its inputs, moving as little as possible."""
+    nodes = list(graph.nodes)
+    position = {node: index for index, node in enumerate(nodes)}
+    waiting = {node: len(set(node.all_input_nodes)) for node in nodes}
+    ready = [position[node] for node in nodes if waiting[node] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        node = nodes[heapq.heappop(ready)]
+        order.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, position[user])
+    if len(order) != len(nodes):
+        raise RuntimeError("graph has a cycle")
+    if order == nodes:
+        return
+    previous = order[0]
+    for node in order[1:]:
+        previous.append(node)
+        previous = node

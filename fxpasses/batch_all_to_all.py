@@ -1,0 +1,228 @@
+"""Adjacent independent all-to-alls -> one packed all-to-all.
+
+Stock form (Ulysses attention; ``models/ulysses.py``, diffusers' ``TemplatedUlyssesAttention``,
+yunchang/xDiT): q, k and v each go through their own collective and wait::
+
+    q = wait(all_to_all_single(q_layout.contiguous(), [1] * P, [1] * P, group))   # [P, S/P, B, H/P, D]
+    k = wait(all_to_all_single(k_layout.contiguous(), [1] * P, [1] * P, group))   # [P, S/P, B, Hkv/P, D]
+    v = wait(all_to_all_single(v_layout.contiguous(), [1] * P, [1] * P, group))
+
+three launches and three waits (and the same for any output-side all-to-alls that
+happen together). Inductor buckets all-gather, reduce-scatter and all-reduce, never
+all-to-all.
+
+Optimized form: one collective and one wait. Each input is viewed as ``[P, m_i]`` (row
+j = what goes to rank j; its dim-0 chunks are contiguous), the inputs are packed side by
+side into ``[P, sum m_i]`` (one copy, which replaces each input's own ``.contiguous()``
+copy when that copy feeds only the collective), the packed tensor goes through one
+all-to-all (row j of the result came from rank j), and each result is the column slice
+``recv[:, off_i:off_i + m_i]`` viewed back to its shape::
+
+    packed = torch.cat([q_layout.reshape(P, -1), k_layout.reshape(P, -1), v_layout.reshape(P, -1)], 1)
+    recv = wait(all_to_all_single(packed, [1] * P, [1] * P, group))
+    q = recv[:, :mq].view(P, S/P, B, H/P, D)      # a strided view
+    k = recv[:, mq:mq + mk].view(...)
+
+Different head counts (GQA) just give different ``m_i``. A result is a view when its
+dim 0 is exactly P (the Ulysses layout) and every consumer accepts the strided view
+(computes the same sizes and strides from it, as Inductor's ``reshape`` does); otherwise
+it is copied to the contiguous layout it had (one copy of that tensor).
+
+Preconditions (else no rewrite):
+
+- Each collective is ``_c10d_functional.all_to_all_single`` with equal splits, static
+  sizes and its wait as its only user.
+- The batched collectives use the same process group and the same dtype and device.
+  Different dtypes are not batched (no byte packing: a dtype-punning view would hide
+  the packing from Inductor's fusion, and mixed-dtype attention inputs are rare).
+- They are adjacent: consecutive among that group's all-to-alls in graph order, and
+  none depends on another's result (a collective whose input reads an earlier one's
+  wait starts a new batch). The packed collective is placed after the last input;
+  consumers of the results move after its wait.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from diffopt.graph_pass import (
+    GraphPass,
+    RewriteLog,
+    Stage,
+    erase_unused,
+    fake_value,
+    insert_call,
+)
+
+from ._all_to_all import (
+    A2A,
+    WAIT,
+    AllToAll,
+    ancestors,
+    match_all_to_all,
+    restore_topological_order,
+)
+
+aten = torch.ops.aten
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+class BatchAllToAll(GraphPass):
+    name = "batch_all_to_all"
+    stage = Stage.POST_GRAD
+
+    def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
+        batches = _batches(graph)
+        for batch in batches:
+            _pack(graph, batch, log)
+        if batches:
+            restore_topological_order(graph)
+
+
+def _batches(graph: fx.Graph) -> list[list[AllToAll]]:
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    open_batches: dict[tuple, list[AllToAll]] = {}
+    done: list[list[AllToAll]] = []
+    for node in graph.nodes:
+        collective = match_all_to_all(node)
+        if collective is None:
+            continue
+        value = collective.value
+        key = (collective.group_name, collective.world_size, value.dtype, value.device)
+        batch = open_batches.get(key)
+        if batch:
+            depends_on = ancestors(collective.input, position[batch[0].node], position)
+            if not any(member.wait in depends_on for member in batch):
+                batch.append(collective)
+                continue
+            done.append(batch)
+        open_batches[key] = [collective]
+    done.extend(open_batches.values())
+    return [batch for batch in done if len(batch) > 1]
+
+
+def _pack(graph: fx.Graph, batch: list[AllToAll], log: RewriteLog) -> None:
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    world = batch[0].world_size
+    last_input = max((member.input for member in batch), key=position.__getitem__)
+    first = batch[0].node
+    existing = set(graph.nodes)
+    copies = 0
+    with graph.inserting_before(last_input.next):
+        columns, bypassed = [], []
+        for member in batch:
+            source = member.input
+            if _is_contiguous_copy(source) and len(source.users) == 1:
+                bypassed.append(source)
+                source = source.args[0]  # the pack copies anyway
+            width = member.value.numel() // world
+            columns.append(insert_call(graph, aten.reshape.default, (source, [world, width]), first))
+        packed = insert_call(graph, aten.cat.default, (columns, 1), first)
+        args = list(first.args)
+        args[0] = packed
+        args[1] = args[2] = [1] * world
+        sent = insert_call(graph, A2A, tuple(args), first, dict(first.kwargs))
+        received = insert_call(graph, WAIT, (sent,), batch[0].wait)
+        offset = 0
+        for member in batch:
+            width = member.value.numel() // world
+            column = insert_call(graph, aten.slice.Tensor, (received, 1, offset, offset + width), member.wait)
+            offset += width
+            copies += not _unpack(graph, member, column)
+    for member in batch:
+        erase_unused(graph, [member.wait, member.node, member.input, *bypassed])
+    erase_unused(graph, [node for node in graph.nodes if node not in existing])
+    shapes = [list(member.value.shape) for member in batch]
+    unpack = "views" if copies == 0 else f"{len(batch) - copies} views + {copies} contiguous copies"
+    log.add(
+        batch[0].input,
+        replaced=f"{len(batch)} all-to-alls + {len(batch)} waits on {shapes}",
+        by=f"one packed all-to-all [{world}, {offset}] + one wait, unpacked as {unpack}",
+    )
+
+
+def _unpack(graph: fx.Graph, member: AllToAll, column: fx.Node) -> bool:
+    """Make ``member``'s consumers read its part ``column`` (``[P, m]``, strided) of the packed result.
+
+    Returns whether that took no copy: the result is a view when its dim 0 is P and its
+    consumers accept the strided layout, or when every consumer reshapes it to a shape
+    that is a view of ``column`` (diffusers' 1-D buffers: ``x.reshape(P, S/P, B, H/P, D)``).
+    Otherwise the consumers get a contiguous copy, the layout the result had.
+    """
+    wait = member.wait
+    shape = list(member.value.shape)
+    if member.rows == 1:
+        view = insert_call(graph, aten.view.default, (column, shape), wait)
+        if _consumers_accept(wait, fake_value(view)):
+            wait.replace_all_uses_with(view)
+            return True
+        copy = insert_call(graph, aten.clone.default, (view,), wait, {"memory_format": torch.contiguous_format})
+    else:
+        if _reshape_users_to_views(graph, wait, column):
+            return True
+        copy = insert_call(graph, aten.reshape.default, (column, shape), wait)  # copies: rows of ranks interleave
+    wait.replace_all_uses_with(copy)
+    return False
+
+
+def _reshape_users_to_views(graph: fx.Graph, wait: fx.Node, column: fx.Node) -> bool:
+    users = list(wait.users)
+    if not users or any(user.target not in _RESHAPES for user in users):
+        return False
+    column_value = fake_value(column)
+    mode = detect_fake_mode([column_value])
+    for user in users:
+        try:
+            with mode:
+                value = aten.view.default(column_value, list(fake_value(user).shape))
+        except Exception:
+            return False
+        if not _consumers_accept(user, value):
+            return False
+    for user in users:
+        with graph.inserting_before(user):
+            view = insert_call(graph, aten.view.default, (column, list(fake_value(user).shape)), user)
+        user.replace_all_uses_with(view)
+        graph.erase_node(user)
+    return True
+
+
+def _is_contiguous_copy(node: fx.Node) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target is aten.clone.default
+        and node.kwargs.get("memory_format", torch.contiguous_format) == torch.contiguous_format
+        and set(node.kwargs) <= {"memory_format"}
+    )
+
+
+def _consumers_accept(node: fx.Node, value: torch.Tensor) -> bool:
+    """Whether every user of ``node`` computes the same sizes and strides from ``value`` as it did."""
+    mode = detect_fake_mode([value])
+    for user in node.users:
+        if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
+            return False
+        if user.target.namespace not in ("aten", "prims") or user.target._schema.is_mutable:
+            return False
+        args, kwargs = fx.node.map_aggregate((user.args, user.kwargs), lambda a: value if a is node else fake_value(a))
+        try:
+            with mode:
+                out = user.target(*args, **kwargs)
+        except Exception:
+            return False
+        if not _same_layout(out, fake_value(user)):
+            return False
+    return True
+
+
+def _same_layout(a: object, b: object) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    return (
+        a.dtype == b.dtype
+        and a.dim() == b.dim()
+        and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+        and all(statically_known_true(x == y) for x, y in zip(a.stride(), b.stride()))
+    )
