@@ -5,7 +5,7 @@ step and rebuilds its RoPE tables. Configurations: eager, Inductor, diffopt, and
 with ``mode="reduce-overhead"`` (CUDA graphs). Two shapes at Wan 1.3B dims, bf16: an image-size
 step (S=1560 tokens, 6 blocks: launch-bound) and a 480p video step (S=32760, 2 blocks).
 
-    python benchmarks/bench_denoise.py [--steps 12] [--out DIR]
+    python benchmarks/bench_denoise.py [--steps 12] [--shapes ...] [--out DIR]
 
 Per-step time: median over the steps after the first three (compile and CUDA-graph warm-up),
 CUDA events around each step. Syncs per step: CUDA synchronizations reported by
@@ -83,11 +83,13 @@ def run(fn, latents, timesteps, encoder_hidden_states):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = parser.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     print(f"{'shape':26} {'config':20} {'ms/step':>8} {'syncs':>6} {'idle ms':>8}")
-    for shape, overrides in SHAPES.items():
+    for shape in args.shapes.split(","):
+        overrides = SHAPES[shape]
         base = get_config("wan-1.3b")
         config = dataclasses.replace(base, **overrides)
         model = DenoiseStep(config).to("cuda", torch.bfloat16).eval()
