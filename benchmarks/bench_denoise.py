@@ -99,7 +99,12 @@ def main() -> None:
         with torch.no_grad():
             for name, fn in configs(model):
                 torch._dynamo.reset()
-                step_ms, syncs, idle_ms = run(fn, latents, timesteps, encoder_hidden_states)
+                try:
+                    step_ms, syncs, idle_ms = run(fn, latents, timesteps, encoder_hidden_states)
+                except Exception as error:  # a configuration that does not compile is a result too
+                    rows[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+                    print(f"{shape:26} {name:20} failed: {rows[name]['error']}", flush=True)
+                    continue
                 rows[name] = {"ms_per_step": step_ms, "syncs_per_step": syncs, "idle_ms_per_step": idle_ms}
                 print(f"{shape:26} {name:20} {step_ms:8.3f} {syncs:6d} {idle_ms:8.3f}", flush=True)
         results[shape] = rows
