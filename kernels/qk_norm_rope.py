@@ -9,7 +9,7 @@ Schema::
 Semantics: ``kernels/reference.py::qk_norm_rope_reference`` (the spec, and the CPU implementation).
 CUDA runs the Triton kernel in ``qk_norm_rope_triton.py``; any other device runs the reference.
 
-Registered with ``torch.library.custom_op`` (opaque to Inductor; the rewrite pass inserts it
+Registered with ``torch.library.Library`` (opaque to Inductor; the rewrite pass inserts it
 post-grad, where a ``triton_op`` would be opaque too), which runs the same way on torch 2.11 and
 2.13, eagerly and inside Inductor-generated code on CUDA and CPU. Functional: inputs are never
 mutated, outputs are new contiguous tensors.
@@ -45,7 +45,15 @@ QK_NORM_ROPE_SCHEMA = (
 )
 
 
-@torch.library.custom_op("diffopt::qk_norm_rope", mutates_args=(), schema=QK_NORM_ROPE_SCHEMA)
+# Registered with the low-level ``torch.library.Library`` API rather than ``custom_op``: the
+# dispatcher calls the device function directly, without custom_op's Python autograd and
+# aliasing-check wrappers, which cost a few hundred microseconds of host time per call on the
+# GPU machines (benchmarks/profile_qk_norm_rope.py). The op is for inference: it has no
+# autograd formula.
+_library = torch.library.Library("diffopt", "FRAGMENT")
+_library.define("qk_norm_rope" + QK_NORM_ROPE_SCHEMA)
+
+
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor], cos: Tensor,
                  sin: Tensor, positions: Optional[Tensor] = None, *, norm_over: str, rope_style: str,
                  rope_dim: int, q_eps: float, k_eps: float) -> tuple[Tensor, Tensor]:
@@ -62,11 +70,16 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
     Accuracy: all math in fp32, rounded once: within 1 ulp of the output dtype of the float64 result,
     and never worse than the stock eager code (which rounds the normed q/k to bf16 before rotating).
     """
+    return torch.ops.diffopt.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, positions, norm_over=norm_over,
+                                          rope_style=rope_style, rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps)
+
+
+def _qk_norm_rope_cpu(q, k, q_weight, k_weight, cos, sin, positions=None, *, norm_over, rope_style, rope_dim,
+                      q_eps, k_eps):
     return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, positions, norm_over=norm_over,
                                   rope_style=rope_style, rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps)
 
 
-@qk_norm_rope.register_kernel("cuda")
 def _qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, positions=None, *, norm_over, rope_style, rope_dim,
                        q_eps, k_eps):
     fn = qk_norm_rope_triton if qk_norm_rope_triton is not None else qk_norm_rope_reference
@@ -74,7 +87,11 @@ def _qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, positions=None, *, no
               rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps)
 
 
-@qk_norm_rope.register_fake
+_library.impl("qk_norm_rope", _qk_norm_rope_cpu, "CPU")
+_library.impl("qk_norm_rope", _qk_norm_rope_cuda, "CUDA")
+
+
+@torch.library.register_fake("diffopt::qk_norm_rope", lib=_library)
 def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, positions=None, *, norm_over, rope_style, rope_dim,
                        q_eps, k_eps):
     check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim)

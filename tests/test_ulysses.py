@@ -308,6 +308,8 @@ def _diffusers_wan_checks(rank: int, world: int) -> None:
     )
     from diffusers import ContextParallelConfig
 
+    if torch.cuda.is_available():
+        return  # diffusers puts its parallel model on the accelerator; this check is the CPU/gloo one
     # CPU workarounds for diffusers 0.42.1: it computes ``rank % torch.accelerator.device_count()``
     # (0 on a CPU build), and Wan's plan splits ``timestep`` only when it is 2-D, warning through a
     # logger method that does not exist otherwise; the 1-D timestep here is left out of the plan.
