@@ -50,8 +50,20 @@ QK_NORM_ROPE_SCHEMA = (
 # aliasing-check wrappers, which cost a few hundred microseconds of host time per call on the
 # GPU machines (benchmarks/profile_qk_norm_rope.py). The op is for inference: it has no
 # autograd formula.
+def _already_registered() -> bool:
+    # This file can be imported twice in one process under two module names (a source checkout
+    # on sys.path next to the installed package); the operator is registered once.
+    try:
+        torch.ops.diffopt.qk_norm_rope.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+_REGISTER = not _already_registered()
 _library = torch.library.Library("diffopt", "FRAGMENT")
-_library.define("qk_norm_rope" + QK_NORM_ROPE_SCHEMA)
+if _REGISTER:
+    _library.define("qk_norm_rope" + QK_NORM_ROPE_SCHEMA)
 
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor], cos: Tensor,
@@ -87,12 +99,16 @@ def _qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, positions=None, *, no
               rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps)
 
 
-_library.impl("qk_norm_rope", _qk_norm_rope_cpu, "CPU")
-_library.impl("qk_norm_rope", _qk_norm_rope_cuda, "CUDA")
+if _REGISTER:
+    _library.impl("qk_norm_rope", _qk_norm_rope_cpu, "CPU")
+    _library.impl("qk_norm_rope", _qk_norm_rope_cuda, "CUDA")
 
 
-@torch.library.register_fake("diffopt::qk_norm_rope", lib=_library)
 def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, positions=None, *, norm_over, rope_style, rope_dim,
                        q_eps, k_eps):
     check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim)
     return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+if _REGISTER:
+    torch.library.register_fake("diffopt::qk_norm_rope", _qk_norm_rope_fake, lib=_library)

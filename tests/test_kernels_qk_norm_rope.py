@@ -477,3 +477,22 @@ def test_gpu_inductor_and_int64_offsets():
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
     _interpret_main()
+
+
+def test_a_second_import_of_the_kernel_module_does_not_register_twice():
+    # A source checkout on sys.path next to the installed package imports the file again as
+    # ``kernels.qk_norm_rope``; the operator must stay registered once and keep working.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, torch, diffopt.kernels; sys.path.insert(0, %r); import kernels.qk_norm_rope as again; "
+        "x = torch.randn(1, 3, 2, 8); c = torch.randn(1, 3, 1, 8); "
+        "out = again.qk_norm_rope(x, x, None, None, c, c, norm_over='head', rope_style='neox', rope_dim=8, "
+        "q_eps=1e-6, k_eps=1e-6); print(out[0].shape)" % str(repo)
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "torch.Size([1, 3, 2, 8])" in run.stdout
