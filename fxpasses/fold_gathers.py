@@ -53,7 +53,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value, insert_call
 
-from ._index_consts import Constants, emit, erase_dead, same_layout
+from diffopt.step_constants import Constants, emit, erase_dead, same_layout
 
 aten = torch.ops.aten
 

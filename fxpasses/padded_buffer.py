@@ -67,7 +67,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value, insert_call
 
-from ._index_consts import Constants, constant_node, erase_dead, real_mode, same_layout
+from diffopt.step_constants import Constants, constant_node, erase_dead, real_mode, same_layout
 from .fold_gathers import INDEX_DTYPES
 
 aten = torch.ops.aten

@@ -77,7 +77,7 @@ from diffopt.graph_pass import (
     insert_call,
 )
 
-from ._all_to_all import (
+from diffopt.collectives import (
     A2A,
     WAIT,
     AllToAll,
