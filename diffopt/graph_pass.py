@@ -146,4 +146,5 @@ def module_path(node: fx.Node) -> str:
     path = re.sub(r"^L\['self'\]\.?", "", str(path))
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"(__dict__\.)?_modules\.", "", path)  # L['self'].__dict__['_modules']['blocks']
     return path.lstrip(".")

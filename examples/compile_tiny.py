@@ -64,6 +64,10 @@ def main() -> None:
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
 
+    if args.device == "cpu":
+        print("note: qk_norm_rope rewrites on CUDA only by default (on CPU its op runs a plain-torch\n"
+              "reference, slower than Inductor's own fused code); see it on CPU with\n"
+              "options={'passes': {'qk_norm_rope': {'devices': ['cpu']}}}")
     rows = []
     with torch.no_grad():
         for name, model, inputs, kwargs in stock_models(dtype, args.device, args.layers):

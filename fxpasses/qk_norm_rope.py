@@ -42,6 +42,8 @@ Preconditions (else no rewrite):
   rotated width (rope_dim or rope_dim / 2 entries).
 - The q and k sites read the same table tensors and get the same layout, and
   the fused call can be placed before every consumer of both outputs.
+- The tensors live on a device with a fast kernel (option ``devices``, default
+  CUDA only: on CPU Inductor's own fused code beats the op's reference).
 """
 from __future__ import annotations
 
@@ -93,6 +95,9 @@ class _Site:
 class QKNormRope(GraphPass):
     name = "qk_norm_rope"
     stage = Stage.POST_GRAD
+    # Devices with a fast kernel. On CPU the op runs its plain-torch reference, which is slower
+    # than Inductor's own fused C++ code; tests add "cpu" to exercise the rewrite there.
+    defaults = {"devices": ("cuda",)}
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         position = {node: index for index, node in enumerate(graph.nodes)}
@@ -100,7 +105,9 @@ class QKNormRope(GraphPass):
         for node in graph.nodes:
             if node.op == "call_function" and node.target is aten.rsqrt.default:
                 norm = _match_norm(node)
-                site = norm and _match_site(norm, position)
+                if norm is None or fake_value(norm.source).device.type not in self.config["devices"]:
+                    continue
+                site = _match_site(norm, position)
                 if site:
                     sites.append(site)
         used: set[int] = set()

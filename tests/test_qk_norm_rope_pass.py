@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from diffopt.testing import count_ops, trace
 
 FUSED = "diffopt.qk_norm_rope.default"
+# The pass fires on CUDA by default; these CPU tests turn it on for CPU tensors too.
+ON_CPU = {"passes": {"qk_norm_rope": {"devices": ["cpu", "cuda"]}}}
 
 
 def rand(*shape, dtype=torch.float32, seed=0):
@@ -121,7 +123,7 @@ def wan_tables(S, D, seed=9):
 
 def check(fn, args, fires=1, rtol=1e-5, atol=1e-5):
     with torch.no_grad():
-        result = trace(fn, *args)
+        result = trace(fn, *args, options=ON_CPU)
         want = fn(*args)
     assert result.report.matches("qk_norm_rope") == fires
     after = count_ops(result.after("qk_norm_rope"))
@@ -256,7 +258,7 @@ def test_random_shapes_error_no_worse_than_stock(form, B, S, Hk, group, D, dtype
         args = inputs(B, S, H, Hk, D, neox_tables(B, S, D, dtype, seed), dtype=dtype, seed=seed)
     fn = FORMS[form](H, Hk)
     with torch.no_grad():
-        result = trace(fn, *args)
+        result = trace(fn, *args, options=ON_CPU)
         stock = fn(*args)
         exact = fn(*[a.to(torch.complex128 if a.is_complex() else torch.float64) for a in args])
     assert result.report.matches("qk_norm_rope") == 1
@@ -285,7 +287,7 @@ def test_fires_with_a_dynamic_sequence_length(form):
 
     report = diffopt.Report()
     fn = FORMS[form](4, 4)
-    compiled = torch.compile(fn, backend=functools.partial(diffopt.diffopt_backend, options={"inductor": False, "strict": True}))
+    compiled = torch.compile(fn, backend=functools.partial(diffopt.diffopt_backend, options={"inductor": False, "strict": True, **ON_CPU}))
     with diffopt.report.collecting(report), torch.no_grad():
         for S in (5, 9, 12):
             if form == "wan":
@@ -298,3 +300,10 @@ def test_fires_with_a_dynamic_sequence_length(form):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert len(report.graphs) == 1, "one graph serves every sequence length"
     assert report.matches("qk_norm_rope") == 1
+
+
+def test_not_on_cpu_by_default():
+    # On CPU the op would run its reference, slower than Inductor's own fused code.
+    with torch.no_grad():
+        result = trace(per_head(norm_functional, rope_neox), *inputs(1, 4, 2, 2, 8, neox_tables(1, 4, 8)))
+    assert result.report.matches("qk_norm_rope") == 0
