@@ -61,11 +61,16 @@ WAIT = "_c10d_functional.wait_tensor.default"
 
 def _run(rank: int, world: int, init_file: str, check, args) -> None:
     torch.set_num_threads(1)
+    torch._inductor.config.compile_threads = 1  # no compile worker pool in the spawned ranks
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         check(rank, world, *args)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A rank that passed leaves without interpreter teardown: threads still alive there (gloo's,
+    # Inductor's) have aborted a rank at exit ("terminate called without an active exception").
+    os._exit(0)
 
 
 def spawn(check, world: int, *args) -> None:
