@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import inspect
+import operator
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -76,6 +77,18 @@ class GraphPass:
 
 
 # --- FX helpers -----------------------------------------------------------------
+
+
+def is_pure(target: Any) -> bool:
+    """Whether a call's result is a function of its arguments' values alone: ``getitem``, or an
+    ATen/prims op that neither mutates, draws random numbers, nor has a data-dependent output
+    (``.item()``, ``nonzero``: those define fresh unbacked symbols)."""
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
+        return False
+    excluded = {torch.Tag.nondeterministic_seeded, torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape}
+    return not target._schema.is_mutable and not excluded.intersection(target.tags)
 
 
 def fake_value(node: Any) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage, is_pure
 
 
 class Dedupe(GraphPass):
@@ -32,7 +32,7 @@ class Dedupe(GraphPass):
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         first: dict[Any, fx.Node] = {}
         for node in list(graph.nodes):
-            if node.op != "call_function" or not _pure(node.target):
+            if node.op != "call_function" or not is_pure(node.target):
                 continue
             key = _key(node)
             if key is None:
@@ -44,17 +44,6 @@ class Dedupe(GraphPass):
             graph.erase_node(node)
             if node.target is not operator.getitem:
                 log.add(node, replaced=f"second {_name(node.target)} of the same inputs", by="the first one's result")
-
-
-def _pure(target: Any) -> bool:
-    if target is operator.getitem:
-        return True
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
-        return False
-    # Data-dependent outputs (.item(), nonzero) define their own unbacked symbols, which the
-    # graph's other values refer to by name: merging them is the hoist_item pass's job.
-    excluded = {torch.Tag.nondeterministic_seeded, torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape}
-    return not target._schema.is_mutable and not excluded.intersection(target.tags)
 
 
 def _key(node: fx.Node) -> Any:

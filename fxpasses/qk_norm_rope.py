@@ -58,7 +58,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call, is_pure
 from diffopt.kernels.reference import apply_rope
 
 aten = torch.ops.aten
@@ -531,12 +531,6 @@ def _same_table(a: Any, b: Any) -> bool:
     return _same_value(a, b, 4)
 
 
-def _deterministic(target: Any) -> bool:
-    if isinstance(target, torch._ops.OpOverload):
-        return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
-    return target is operator.getitem
-
-
 def _same_value(a: Any, b: Any, depth: int) -> bool:
     if a is b:
         return True
@@ -545,7 +539,7 @@ def _same_value(a: Any, b: Any, depth: int) -> bool:
             depth > 0
             and a.op == b.op == "call_function"
             and a.target == b.target
-            and _deterministic(a.target)
+            and is_pure(a.target)
             and a.kwargs == b.kwargs
             and len(a.args) == len(b.args)
             and all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args))

@@ -61,10 +61,23 @@ class Cosmos3GenLayer(nn.Module):
     ) -> torch.Tensor:
         """``hidden_states`` ``[B, S, hidden]``; ``cos``/``sin`` ``[B, S, D]``;
         ``k_prefix``/``v_prefix`` ``[B, P, Hkv, D]``, already normed and rotated."""
+        residual = hidden_states
+        q, k, v = self.rotated_qkv(hidden_states, cos, sin)
+        k_all = torch.cat([k_prefix, k], dim=1)
+        v_all = torch.cat([v_prefix, v], dim=1)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), enable_gqa=True
+        )
+        attn = attn.transpose(1, 2).flatten(2)
+        return self.mlp_residual(residual + self.to_out(attn))
+
+    def rotated_qkv(
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention front, in stock form: pre-norm, packed projection, split + contiguous
+        views, per-head norm, half-split RoPE. Returns q ``[B, S, H, D]``, k and v ``[B, S, Hkv, D]``."""
         batch_size, seq_len, _ = hidden_states.shape
         head_dim = self.head_dim
-
-        residual = hidden_states
         hidden_states = F.rms_norm(
             hidden_states, (hidden_states.shape[-1],), self.input_norm_weight, self.rms_norm_eps
         )
@@ -84,15 +97,10 @@ class Cosmos3GenLayer(nn.Module):
         sin = sin.unsqueeze(2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        return q, k, v
 
-        k_all = torch.cat([k_prefix, k], dim=1)
-        v_all = torch.cat([v_prefix, v], dim=1)
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), enable_gqa=True
-        )
-        attn = attn.transpose(1, 2).flatten(2)
-        hidden_states = residual + self.to_out(attn)
-
+    def mlp_residual(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Post-attention norm and SwiGLU MLP, with the residual."""
         residual = hidden_states
         hidden_states = F.rms_norm(
             hidden_states, (hidden_states.shape[-1],), self.post_attention_norm_weight, self.rms_norm_eps

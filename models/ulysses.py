@@ -56,7 +56,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from .configs import Cosmos3Config
-from .cosmos3 import Cosmos3GenLayer, rotate_half
+from .cosmos3 import Cosmos3GenLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,27 +194,8 @@ class UlyssesCosmos3GenLayer(Cosmos3GenLayer):
         v_prefix: torch.Tensor,
     ) -> torch.Tensor:
         group, world_size = self.plan.group, self.plan.world_size
-        batch_size, seq_len, _ = hidden_states.shape
-        head_dim = self.head_dim
-
         residual = hidden_states
-        hidden_states = F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.input_norm_weight, self.rms_norm_eps)
-
-        qkv = self.to_qkv(hidden_states)
-        q, k, v = qkv.split(
-            [self.num_heads * head_dim, self.num_kv_heads * head_dim, self.num_kv_heads * head_dim], dim=-1
-        )
-        q = q.contiguous().view(batch_size, seq_len, self.num_heads, head_dim)
-        k = k.contiguous().view(batch_size, seq_len, self.num_kv_heads, head_dim)
-        v = v.contiguous().view(batch_size, seq_len, self.num_kv_heads, head_dim)
-
-        q = F.rms_norm(q, (head_dim,), self.q_norm_weight, self.q_norm_eps)
-        k = F.rms_norm(k, (head_dim,), self.k_norm_weight, self.k_norm_eps)
-
-        cos = cos.unsqueeze(2)
-        sin = sin.unsqueeze(2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = self.rotated_qkv(hidden_states, cos, sin)
 
         # Ulysses: full cat with the replicated prefix, all-to-all, slice the prefix back.
         prefix_len = k_prefix.shape[1]
@@ -232,11 +213,4 @@ class UlyssesCosmos3GenLayer(Cosmos3GenLayer):
             q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask, enable_gqa=True
         )
         attn = heads_to_seq(attn.transpose(1, 2), group, world_size).flatten(2)
-        hidden_states = residual + self.to_out(attn)
-
-        residual = hidden_states
-        hidden_states = F.rms_norm(
-            hidden_states, (hidden_states.shape[-1],), self.post_attention_norm_weight, self.rms_norm_eps
-        )
-        hidden_states = self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
-        return residual + hidden_states
+        return self.mlp_residual(residual + self.to_out(attn))

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import subprocess
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
