@@ -36,7 +36,6 @@ import time
 import torch
 import torch.distributed as dist
 from diffopt.models import (
-    Cosmos3Config,
     Cosmos3GenLayer,
     cosmos3_example_inputs,
     get_config,
@@ -52,20 +51,7 @@ from diffopt.backend import diffopt_backend
 from diffopt.graph_pass import fake_value
 from diffopt.pipeline import observing
 
-TINY = Cosmos3Config(
-    name="cosmos3-ulysses-tiny",
-    hidden_size=64,
-    num_heads=8,
-    num_kv_heads=4,
-    head_dim=16,
-    intermediate_size=64,
-    num_layers=1,
-    gen_seq_len=30,
-    prefix_len=5,
-    rope_axes_dim=(4, 2, 2),
-    vocab_size=16,
-    latent_channel=4,
-)
+TINY = dataclasses.replace(get_config("cosmos3-sp-tiny"), gen_seq_len=30)
 ULYSSES_PASSES_OFF = {"ulysses_prefix": False, "batch_all_to_all": False}
 DECLARED = {"ulysses_prefix": {"replicated_inputs": ["k_prefix", "v_prefix"]}}
 

@@ -124,6 +124,21 @@ _CONFIGS = {
             vocab_size=512,
             latent_channel=4,
         ),
+        # Heads divisible by 2 and 4 ranks: the sequence-parallel (Ulysses) tests and benchmark.
+        Cosmos3Config(
+            name="cosmos3-sp-tiny",
+            hidden_size=64,
+            num_heads=8,
+            num_kv_heads=4,
+            head_dim=16,
+            intermediate_size=64,
+            num_layers=1,
+            gen_seq_len=16,
+            prefix_len=5,
+            rope_axes_dim=(4, 2, 2),
+            vocab_size=16,
+            latent_channel=4,
+        ),
         Cosmos3Config(
             name="cosmos3",
             hidden_size=4096,

@@ -78,7 +78,7 @@ def test_tiny_configs_keep_the_architectural_features():
 
 
 def test_get_config_overrides_layers_and_rejects_unknown_names():
-    assert set(CONFIG_NAMES) == {"wan-tiny", "wan-1.3b", "wan-14b", "cosmos3-tiny", "cosmos3"}
+    assert set(CONFIG_NAMES) == {"wan-tiny", "wan-1.3b", "wan-14b", "cosmos3-tiny", "cosmos3-sp-tiny", "cosmos3"}
     three = get_config("wan-14b", num_layers=3)
     assert three.num_layers == 3 and three.dim == 5120
     assert get_config("wan-14b").num_layers == 40  # the registry entry is untouched

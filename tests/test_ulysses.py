@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
-from diffopt.models.configs import Cosmos3Config
+from diffopt.models.configs import get_config
 from diffopt.models.cosmos3 import Cosmos3GenLayer, cosmos3_example_inputs
 from diffopt.models.ulysses import (
     UlyssesCosmos3GenLayer,
@@ -37,20 +37,7 @@ from diffopt.pipeline import Pipeline, registered_passes
 from diffopt.testing import count_ops, trace
 
 # 8 q / 4 kv heads (GQA) divide over 2 and 4 ranks; a 5-token replicated prefix.
-CONFIG = Cosmos3Config(
-    name="cosmos3-ulysses-test",
-    hidden_size=64,
-    num_heads=8,
-    num_kv_heads=4,
-    head_dim=16,
-    intermediate_size=64,
-    num_layers=1,
-    gen_seq_len=16,
-    prefix_len=5,
-    rope_axes_dim=(4, 2, 2),
-    vocab_size=16,
-    latent_channel=4,
-)
+CONFIG = get_config("cosmos3-sp-tiny")
 DECLARED = {"passes": {"ulysses_prefix": {"replicated_inputs": ["k_prefix", "v_prefix"]}}}
 A2A = "_c10d_functional.all_to_all_single.default"
 WAIT = "_c10d_functional.wait_tensor.default"
@@ -306,7 +293,6 @@ def _batching_checks(rank: int, world: int) -> None:
 
 def _diffusers_wan_checks(rank: int, world: int) -> None:
     """diffusers' own Ulysses (``ContextParallelConfig(ulysses_degree=2)``) on its stock Wan model."""
-    from diffopt.models import get_config
     from diffopt.models.diffusers_models import (
         build_diffusers_wan,
         diffusers_wan_inputs,
