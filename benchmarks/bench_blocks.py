@@ -19,7 +19,7 @@ import json
 import os
 
 import torch
-from triton.testing import do_bench
+from measure import cuda_ms_and_peak
 
 import diffopt
 from diffopt.models import Cosmos3GenLayer, cosmos3_example_inputs, get_config, wan_example_inputs
@@ -36,18 +36,6 @@ def workload(name: str):
     layer = Cosmos3GenLayer(config).to(device, dtype).eval()
     hidden, cos, sin, prefix_kv = cosmos3_example_inputs(config, dtype=dtype, device=device)
     return layer, (hidden, cos, sin, *prefix_kv[0])
-
-
-def measure(fn, args):
-    fn(*args)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn(*args)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    ms = do_bench(lambda: fn(*args), warmup=10, rep=100, return_mode="median")
-    return ms, peak
 
 
 def main() -> None:
@@ -70,7 +58,7 @@ def main() -> None:
                 ("inductor", torch.compile(model)),
                 ("diffopt", torch.compile(model, backend="diffopt")),
             ):
-                ms, peak = measure(fn, inputs)
+                ms, peak = cuda_ms_and_peak(fn, inputs)
                 err = (fn(*inputs).float() - eager_out.float()).abs().max().item()
                 rows[tag] = {"ms": ms, "peak_GB": peak / 1e9, "max_abs_err_vs_eager": err}
                 print(f"{name:10} {tag:9} {ms:8.2f} {peak / 1e9:8.2f} {err:9.2e}  {matches if tag == 'diffopt' else ''}",

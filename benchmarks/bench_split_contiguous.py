@@ -62,15 +62,9 @@ def measure(fn, args, device, repeats):
     with torch.no_grad():
         fn(*args)  # compile / warm up
         if device == "cuda":
-            from triton.testing import do_bench
+            from measure import cuda_ms_and_peak
 
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fn(*args)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-            ms = do_bench(lambda: fn(*args), warmup=5, rep=max(50, repeats * 10), return_mode="median")
+            ms, peak = cuda_ms_and_peak(fn, args, rep_ms=max(50, repeats * 10))
         else:
             times = []
             for _ in range(repeats):
