@@ -47,6 +47,16 @@ _graph_ids = itertools.count()
 # Dynamo config every diffopt compile traces under (see the module docstring).
 DYNAMO_CONFIG: dict[str, Any] = {"capture_scalar_outputs": True}
 
+# Inductor config for graphs with collectives. Inductor's peak-memory reordering (on by
+# default) puts each wait right after its collective, which serializes the chunks that
+# ``pipeline_heads`` made independent; Inductor's own comm passes, which run after it, then
+# issue each collective as early and place each wait as late as the data allows. Options'
+# ``inductor_config`` overrides these keys.
+COMMUNICATION_CONFIG: dict[str, Any] = {
+    "reorder_for_compute_comm_overlap": True,
+    "reorder_for_compute_comm_overlap_passes": ["sink_waits", "raise_comms"],
+}
+
 
 def diffopt_backend(
     gm: fx.GraphModule,
@@ -73,10 +83,23 @@ def diffopt_backend(
 
     config_patches = {
         **(list_mode_options(mode) if mode else {}),
+        **(COMMUNICATION_CONFIG if _has_collectives(gm) else {}),
         **dict(parsed.inductor_config),
         "post_grad_custom_post_pass": PostGradPasses(pipeline, graph_name),
     }
     return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def _has_collectives(gm: fx.GraphModule) -> bool:
+    """Whether the Dynamo graph calls functional collectives (``torch.ops._c10d_functional.*``)."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            target = target.overloadpacket
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverloadPacket):
+            if target._qualified_op_name.startswith("_c10d_functional::"):
+                return True
+    return False
 
 
 def _compile_without_inductor(

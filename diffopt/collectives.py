@@ -25,6 +25,36 @@ from diffopt.graph_pass import fake_value
 A2A = torch.ops._c10d_functional.all_to_all_single.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
 
+aten = torch.ops.aten
+# ATen's fused attention ops -> positions of (query, key, value, mask, dropout_p) in the schema
+# (an int: positional; a str: keyword-only; None: the op has no such argument).
+ATTENTION_ARGS = {
+    aten._scaled_dot_product_flash_attention.default: (0, 1, 2, None, 3),
+    aten._scaled_dot_product_efficient_attention.default: (0, 1, 2, 3, 5),
+    aten._scaled_dot_product_cudnn_attention.default: (0, 1, 2, 3, 5),
+    aten._scaled_dot_product_flash_attention_for_cpu.default: (0, 1, 2, "attn_mask", 3),
+}
+_LONG_RUNNING = {
+    aten.mm.default,
+    aten.addmm.default,
+    aten.bmm.default,
+    aten.baddbmm.default,
+    aten.convolution.default,
+    *ATTENTION_ARGS,
+}
+
+
+def is_long_running(node: fx.Node) -> bool:
+    """Whether ``node`` is work a collective can run under, or be stuck behind: a matmul, a
+    convolution, fused attention, or another collective (pointwise and layout work is short
+    and fuses away)."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target in _LONG_RUNNING:
+        return True
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "_c10d_functional" and target is not WAIT
+
 
 @dataclasses.dataclass
 class AllToAll:

@@ -54,12 +54,15 @@ class GraphPass:
     """A rewrite of one stock form into its optimized form.
 
     Subclasses set ``name`` and ``stage``, may declare ``defaults`` (the pass's
-    options and their default values) and implement :meth:`apply`.
+    options and their default values) and implement :meth:`apply`. A pass whose
+    payoff depends on the machine (measured not to pay on every one we have) sets
+    ``on_by_default = False``: it runs when named in the options.
     """
 
     name: ClassVar[str]
     stage: ClassVar[Stage]
     defaults: ClassVar[dict[str, Any]] = {}
+    on_by_default: ClassVar[bool] = True
 
     def __init__(self, **config: Any) -> None:
         unknown = sorted(set(config) - set(self.defaults))

@@ -4,9 +4,9 @@
 backend as ``options=``. Recognised keys:
 
 ``passes``
-    ``{pass_name: bool | dict}``. ``False`` turns a pass off, ``True`` keeps it
+    ``{pass_name: bool | dict}``. ``False`` turns a pass off, ``True`` turns it
     on with its defaults, a dict turns it on with those pass options. Passes not
-    named keep their default (every pass is on by default).
+    named keep their default: on, except the opt-in ones (``pipeline_heads``).
 ``inductor``
     ``True`` (default): the rewritten graph is compiled by Inductor. ``False``:
     rewrites only; the graph is lowered to ATen with Inductor's decompositions,
@@ -61,11 +61,11 @@ class Options:
             inductor_config=tuple(sorted(dict(options.get("inductor_config") or {}).items())),
         )
 
-    def pass_enabled(self, name: str) -> bool:
+    def pass_enabled(self, name: str, by_default: bool = True) -> bool:
         for setting_name, enabled, _ in self.pass_settings:
             if setting_name == name:
                 return enabled
-        return True
+        return by_default
 
     def pass_config(self, name: str) -> dict[str, Any]:
         for setting_name, _, config in self.pass_settings:

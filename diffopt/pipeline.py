@@ -30,7 +30,9 @@ class Pipeline:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.passes: list[GraphPass] = [
-            cls(**options.pass_config(name)) for name, cls in registered_passes().items() if options.pass_enabled(name)
+            cls(**options.pass_config(name))
+            for name, cls in registered_passes().items()
+            if options.pass_enabled(name, cls.on_by_default)
         ]
 
     def fingerprint(self) -> str:

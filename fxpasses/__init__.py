@@ -8,6 +8,8 @@ from .qk_norm_rope import QKNormRope
 from .hoist_item import HoistItem
 from .split_contiguous import SplitContiguous
 from .ulysses_prefix import UlyssesPrefix
+from .unflatten_all_to_all import UnflattenAllToAll
+from .pipeline_heads import PipelineHeads
 from .batch_all_to_all import BatchAllToAll
 from .padded_buffer import PaddedBuffer
 from .fold_gathers import FoldGathers
@@ -21,5 +23,7 @@ PIPELINE = [
     HoistItem,
     PaddedBuffer,
     FoldGathers,
+    UnflattenAllToAll,
+    PipelineHeads,
     BatchAllToAll,
 ]

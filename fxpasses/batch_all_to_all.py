@@ -39,6 +39,11 @@ Preconditions (else no rewrite):
   none depends on another's result (a collective whose input reads an earlier one's
   wait starts a new batch). The packed collective is placed after the last input;
   consumers of the results move after its wait.
+- Packing loses no overlap: no matmul, attention or collective lies between the first
+  member's collective and a later member's input (it would hold the first one back), and
+  each member's first such consumer reads every member (else it would wait for data it
+  does not need). The stock q/k/v all-to-alls pass (one projection before, one attention
+  after); ``pipeline_heads``' chunks do not pack across chunks.
 """
 from __future__ import annotations
 
@@ -61,6 +66,7 @@ from diffopt.collectives import (
     WAIT,
     AllToAll,
     ancestors,
+    is_long_running,
     match_all_to_all,
     restore_topological_order,
 )
@@ -94,13 +100,52 @@ def _batches(graph: fx.Graph) -> list[list[AllToAll]]:
         batch = open_batches.get(key)
         if batch:
             depends_on = ancestors(collective.input, position[batch[0].node], position)
-            if not any(member.wait in depends_on for member in batch):
+            independent = not any(member.wait in depends_on for member in batch)
+            if independent and _keeps_overlap(batch, collective, depends_on, position):
                 batch.append(collective)
                 continue
             done.append(batch)
         open_batches[key] = [collective]
     done.extend(open_batches.values())
     return [batch for batch in done if len(batch) > 1]
+
+
+def _keeps_overlap(batch: list[AllToAll], candidate: AllToAll, candidate_inputs: set[fx.Node], position) -> bool:
+    """Whether packing ``candidate`` with ``batch`` holds no collective back behind long work.
+
+    The packed collective starts when its last input is ready and its results arrive
+    together. So packing must not (1) make an earlier member wait for long-running work
+    (matmul, attention, collective) that only the candidate's input needs, nor (2) make a
+    member's first long-running consumer wait for data it does not read. Either would turn
+    overlap that the graph's order allows (``pipeline_heads``' chunks, say) into exposed time.
+    """
+    if any(is_long_running(node) for node in candidate_inputs):
+        return False
+    members = [*batch, candidate]
+    start = position[batch[0].node]
+    for member in members:
+        consumer = _first_long_running_user(member.wait, position)
+        if consumer is None:
+            continue
+        needs = ancestors(consumer, start, position)
+        if any(other.wait not in needs for other in members):
+            return False
+    return True
+
+
+def _first_long_running_user(node: fx.Node, position) -> fx.Node | None:
+    """The earliest long-running node (graph order) that reads ``node``'s value, directly or not."""
+    seen, stack, first = {node}, [node], None
+    while stack:
+        for user in stack.pop().users:
+            if user in seen or (first is not None and position[user] >= position[first]):
+                continue
+            seen.add(user)
+            if is_long_running(user):
+                first = user
+            else:
+                stack.append(user)
+    return first
 
 
 def _pack(graph: fx.Graph, batch: list[AllToAll], log: RewriteLog) -> None:
@@ -124,6 +169,11 @@ def _pack(graph: fx.Graph, batch: list[AllToAll], log: RewriteLog) -> None:
         args[0] = packed
         args[1] = args[2] = [1] * world
         sent = insert_call(graph, A2A, tuple(args), first, dict(first.kwargs))
+    # The wait goes where the first member's wait was, when that is after the packed collective:
+    # work the graph placed between collective and wait stays there, under the collective.
+    first_wait = min((member.wait for member in batch), key=position.__getitem__)
+    wait_at = first_wait if position[first_wait] > position[last_input] else sent.next
+    with graph.inserting_before(wait_at):
         received = insert_call(graph, WAIT, (sent,), batch[0].wait)
         offset = 0
         for member in batch:

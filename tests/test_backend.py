@@ -72,6 +72,18 @@ def test_unknown_options_are_errors():
         Pipeline(Options.parse({"passes": {"split_contiguous": {"depth": 3}}}, registered_passes()))
 
 
+def test_opt_in_passes_run_only_when_named():
+    def names(options):
+        return [p.name for p in Pipeline(Options.parse(options, registered_passes())).passes]
+
+    opt_in = [name for name, cls in registered_passes().items() if not cls.on_by_default]
+    assert opt_in == ["pipeline_heads"]
+    assert "pipeline_heads" not in names({})
+    assert "pipeline_heads" in names({"passes": {"pipeline_heads": True}})
+    assert "pipeline_heads" in names({"passes": {"pipeline_heads": {"chunks": 4}}})
+    assert "split_contiguous" in names({}) and "split_contiguous" not in names({"passes": {"split_contiguous": False}})
+
+
 @torch.no_grad()
 def test_passes_can_be_turned_off(inputs):
     on = trace(packed_qkv_attention, *inputs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 
 import pytest
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
 from diffopt.models.configs import get_config
 from diffopt.models.cosmos3 import Cosmos3GenLayer, cosmos3_example_inputs
 from diffopt.models.ulysses import (
@@ -24,6 +27,7 @@ from diffopt.models.ulysses import (
     UlyssesPlan,
     check_heads,
     gather_sequence,
+    heads_to_seq,
     merge_prefixed_sequence,
     merge_sequence,
     seq_to_heads,
@@ -39,6 +43,7 @@ from diffopt.testing import count_ops, trace
 # 8 q / 4 kv heads (GQA) divide over 2 and 4 ranks; a 5-token replicated prefix.
 CONFIG = get_config("cosmos3-sp-tiny")
 DECLARED = {"passes": {"ulysses_prefix": {"replicated_inputs": ["k_prefix", "v_prefix"]}}}
+PIPELINED = {"passes": {**DECLARED["passes"], "pipeline_heads": {"chunks": 2}}}
 A2A = "_c10d_functional.all_to_all_single.default"
 WAIT = "_c10d_functional.wait_tensor.default"
 
@@ -80,6 +85,22 @@ def bytes_sent(graph, world: int) -> int:
         value = fake_value(node.args[0])
         total += value.numel() * value.element_size() * (world - 1) // world
     return total
+
+
+def schedule(graph) -> str:
+    """The graph's collectives (C), waits (W) and attention ops (A), in order."""
+    kinds = {A2A: "C", WAIT: "W"}
+    return "".join(
+        kinds.get(str(n.target), "A" if "scaled_dot_product" in str(n.target) else "")
+        for n in graph.nodes
+        if n.op == "call_function"
+    )
+
+
+def code_schedule(code: str) -> str:
+    """:func:`schedule` of Inductor's generated code."""
+    calls = re.findall(r"(all_to_all_single|wait_tensor|_scaled_dot_product_\w+)\.default\(", code)
+    return "".join({"all_to_all_single": "C", "wait_tensor": "W"}.get(c, "A") for c in calls)
 
 
 def shapes(graph) -> set[tuple[int, ...]]:
@@ -128,6 +149,21 @@ def _layer_checks(rank: int, world: int, seq_len: int) -> None:
     for full in ((B, P + shard, Hkv, D), (world, P + shard, B, Hkv // world, D)):
         assert full in shapes(stock) and full not in shapes(final), full
 
+    # Pipelined over head chunks (opt-in); it needs 2 kv heads per rank: 4 kv heads over 2
+    # ranks have them, over 4 not.
+    with torch.no_grad():
+        result = trace(sp_layer, *args, options=PIPELINED)
+    torch.testing.assert_close(gather_sequence(result.output, plan), expected)
+    chunks = 2 if config.num_kv_heads // world >= 2 else 1
+    assert result.report.matches("pipeline_heads") == (chunks > 1)
+    assert result.report.matches("batch_all_to_all") == chunks  # each chunk's q, k, v -> one
+    graphs = [result.before("ulysses_prefix"), result.after("pipeline_heads"), result.after("batch_all_to_all")]
+    assert [count_ops(g)[A2A] for g in graphs] == [4, 4 * chunks, 2 * chunks]
+    assert bytes_sent(graphs[1], world) == bytes_sent(graphs[2], world) == wire(0)
+    if chunks > 1:
+        # Chunk 1's inputs are sent before chunk 0's attention, chunk 0's output before chunk 1's.
+        assert schedule(graphs[2]) == "CCWACWACWW"
+
 
 def _setup_checks(rank: int, world: int) -> None:
     # A world size that does not divide the heads fails at setup, naming the problem.
@@ -149,13 +185,16 @@ def _inductor_checks(rank: int, world: int, seq_len: int) -> None:
     args = (shard_sequence(hidden, plan), shard_sequence(cos, plan), shard_sequence(sin, plan), *prefix_kv[0])
     with torch.no_grad():
         expected = layer(hidden, cos, sin, *prefix_kv[0])
-        result = trace(sp_layer, *args, options={**DECLARED, "inductor": True})
+        result, [code] = run_and_get_code(trace, sp_layer, *args, options={**PIPELINED, "inductor": True})
     torch.testing.assert_close(gather_sequence(result.output, plan), expected)
-    assert result.report.matches("ulysses_prefix") == 2 and result.report.matches("batch_all_to_all") == 1
-    assert count_ops(result.after("batch_all_to_all"))[A2A] == 2
+    assert result.report.matches("ulysses_prefix") == 2 and result.report.matches("pipeline_heads") == 1
+    assert count_ops(result.after("batch_all_to_all"))[A2A] == 4
     # Inductor's reshapes take the packed results as strided views: no unpacking copies.
-    [batched] = [r for r in result.report.rewrites if r.pass_name == "batch_all_to_all"]
-    assert batched.by.endswith("unpacked as views"), batched.by
+    batched = [r for r in result.report.rewrites if r.pass_name == "batch_all_to_all"]
+    assert len(batched) == 2 and all(r.by.endswith("unpacked as views") for r in batched), batched
+    # Inductor keeps the pipeline (its peak-memory reordering alone would put each wait right
+    # after its collective; the backend turns on its comm reordering for graphs with collectives).
+    assert code_schedule(code) == "CCWACWACWW", code_schedule(code)
 
     # The rewritten graph holds the rank, so the cache key does too.
     keys = [None] * world
@@ -290,6 +329,95 @@ def _batching_checks(rank: int, world: int) -> None:
 
     assert counted(mixed, q, k)[:2] == (2, 2)
 
+    # Packing would hold the first collective behind a matmul only the second one's input needs.
+    weight = torch.randn(16, 16, generator=g)
+
+    def matmul_between(q, k):
+        first = seq_to_heads(q, group, world)
+        projected = (k.flatten(2) @ weight).view(k.shape)
+        return first, seq_to_heads(projected, group, world)
+
+    assert counted(matmul_between, q, k)[:2] == (2, 2)
+
+    # Packing would hold a matmul behind data it does not read.
+    def consumer_between(q, k):
+        first = merge_sequence(seq_to_heads(q, group, world))
+        second = seq_to_heads(k, group, world)
+        return first.flatten(2) @ torch.ones(first.shape[2] * first.shape[3], 3), second
+
+    assert counted(consumer_between, q, k)[:2] == (2, 2)
+
+
+def ulysses_attention(q, k, v, world, mask=None, dropout_p=0.0):
+    """Ulysses attention alone: q/k/v to heads, attention, back to the sequence shard."""
+    group = dist.group.WORLD
+    q, k, v = (merge_sequence(seq_to_heads(x, group, world)).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
+    return heads_to_seq(out.transpose(1, 2), group, world)
+
+
+def _pipeline_checks(rank: int, world: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 8, 8, generator=g) + rank  # 8 q heads, 4 kv heads: 2 kv heads per rank at 2 ranks
+    k = torch.randn(1, 6, 4, 8, generator=g) - rank
+    v = torch.randn(1, 6, 4, 8, generator=g) * (rank + 1)
+
+    def pipelined(fn, *args, chunks=2):
+        options = {"passes": {"pipeline_heads": {"chunks": chunks}}}
+        with torch.no_grad():
+            expected = fn(*args)
+            result = trace(fn, *args, options=options)
+        torch.testing.assert_close(result.output, expected)
+        return result
+
+    def attention(q, k, v):
+        return ulysses_attention(q, k, v, world)
+
+    result = pipelined(attention, q, k, v)
+    assert result.report.matches("pipeline_heads") == 1
+    before, after = result.before("pipeline_heads"), result.after("pipeline_heads")
+    assert (count_ops(before)[A2A], count_ops(after)[A2A]) == (4, 8)
+    assert bytes_sent(before, world) == bytes_sent(after, world)
+    assert schedule(result.after("batch_all_to_all")) == "CCWACWACWW"
+    # More chunks than kv heads per rank: as many as divide them.
+    result = pipelined(attention, q, k, v, chunks=3)
+    [rewrite] = [r for r in result.report.rewrites if r.pass_name == "pipeline_heads"]
+    assert rewrite.by.startswith("2 chunks of 2 head(s)"), rewrite.by
+
+    # A mask with one slice per query head: each chunk reads its heads' slice.
+    keys = 6 * world
+    mask = torch.randn(1, 8 // world, keys, keys, generator=torch.Generator().manual_seed(4 + rank))
+
+    def masked(q, k, v, mask):
+        return ulysses_attention(q, k, v, world, mask=mask)
+
+    assert pipelined(masked, q, k, v, mask).report.matches("pipeline_heads") == 1
+
+    # Near misses. One kv head per rank: nothing to split.
+    assert pipelined(attention, q, k[:, :, :world], v[:, :, :world]).report.matches("pipeline_heads") == 0
+    # Dropout draws random numbers per element: chunks would draw different ones.
+    def dropout(q, k, v):
+        return ulysses_attention(q, k, v, world, dropout_p=0.5)
+
+    with torch.no_grad():
+        options = {"passes": {"pipeline_heads": {"chunks": 2}}}
+        assert trace(dropout, q, k, v, options=options).report.matches("pipeline_heads") == 0
+    # No collective around the attention: nothing to hide.
+    def local(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
+
+    assert pipelined(local, q, k, v).report.matches("pipeline_heads") == 0
+
+    # diffusers' 1-D buffers: the all-to-all goes back to the buffer's shape when its dim 0
+    # splits into whole row blocks per rank, not otherwise.
+    def flattened(x):
+        received = funcol.all_to_all_single(x.flatten(), None, None, dist.group.WORLD)
+        return received.reshape(x.shape) * 2
+
+    for rows, expected in ((2 * world, 1), (3, 0)):
+        x = torch.randn(rows, 4, generator=g) + rank
+        assert pipelined(flattened, x).report.matches("unflatten_all_to_all") == expected
+
 
 def _diffusers_wan_checks(rank: int, world: int) -> None:
     """diffusers' own Ulysses (``ContextParallelConfig(ulysses_degree=2)``) on its stock Wan model."""
@@ -317,23 +445,34 @@ def _diffusers_wan_checks(rank: int, world: int) -> None:
         torch.testing.assert_close(model(**inputs, return_dict=False)[0], expected, rtol=1e-4, atol=1e-4)
         result = trace(model, **inputs, return_dict=False)
     torch.testing.assert_close(result.output[0], expected, rtol=1e-4, atol=1e-4)
-    # Self-attention: q, k, v, output all-to-alls -> packed q/k/v + output. Cross-attention runs
-    # unsharded over the replicated text (no collective), so there is no prefix to take out.
+    # Self-attention: q, k, v, output all-to-alls on 1-D buffers -> on their 5-D shape ->
+    # packed q/k/v + output. Cross-attention runs unsharded over the replicated text (no
+    # collective), so there is no prefix to take out.
+    assert result.report.matches("unflatten_all_to_all") == 4
     assert count_ops(result.before("ulysses_prefix"))[A2A] == 4
     assert count_ops(result.after("batch_all_to_all"))[A2A] == 2
     assert result.report.matches("ulysses_prefix") == 0
+    # Pipelined: 2 head chunks (1 head per rank each) of q, k, v, output; each chunk's q/k/v packed.
+    with torch.no_grad():
+        result = trace(model, **inputs, return_dict=False, options={"passes": {"pipeline_heads": True}})
+    torch.testing.assert_close(result.output[0], expected, rtol=1e-4, atol=1e-4)
+    assert count_ops(result.after("pipeline_heads"))[A2A] == 8
+    assert count_ops(result.after("batch_all_to_all"))[A2A] == 4
+    assert schedule(result.after("batch_all_to_all")).startswith("CCWACWACWW")
 
 
 @pytest.mark.parametrize("world", [2])
 def test_ulysses_near_misses_and_batching(world):
-    """Unproven prefixes are not rewritten; dependent or mixed-dtype all-to-alls are not batched;
-    diffusers' own Ulysses on its Wan model gets its q/k/v all-to-alls batched."""
+    """Unproven prefixes are not rewritten; dependent or mixed-dtype all-to-alls, or ones whose
+    packing would lose overlap, are not batched; attention is pipelined over head chunks where
+    it can be, exactly; diffusers' own Ulysses on its Wan model gets its q/k/v all-to-alls batched."""
     spawn(_near_miss_and_batching, world)
 
 
 def _near_miss_and_batching(rank: int, world: int) -> None:
     _near_miss_checks(rank, world)
     _batching_checks(rank, world)
+    _pipeline_checks(rank, world)
     _diffusers_wan_checks(rank, world)
 
 
