@@ -1,4 +1,5 @@
-"""FX helpers shared by the all-to-all passes (``ulysses_prefix``, ``batch_all_to_all``).
+"""FX helpers shared by the all-to-all passes (``ulysses_prefix``, ``unflatten_all_to_all``,
+``pipeline_heads``, ``batch_all_to_all``).
 
 Post-grad, a functional all-to-all reads::
 
