@@ -27,6 +27,7 @@ A2A = torch.ops._c10d_functional.all_to_all_single.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 aten = torch.ops.aten
+RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 # ATen's fused attention ops -> positions of (query, key, value, mask, dropout_p) in the schema
 # (an int: positional; a str: keyword-only; None: the op has no such argument).
 ATTENTION_ARGS = {

@@ -63,6 +63,7 @@ from diffopt.graph_pass import (
 
 from diffopt.collectives import (
     A2A,
+    RESHAPES,
     WAIT,
     AllToAll,
     ancestors,
@@ -72,7 +73,6 @@ from diffopt.collectives import (
 )
 
 aten = torch.ops.aten
-_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 class BatchAllToAll(GraphPass):
@@ -219,7 +219,7 @@ def _unpack(graph: fx.Graph, member: AllToAll, column: fx.Node) -> bool:
 
 def _reshape_users_to_views(graph: fx.Graph, wait: fx.Node, column: fx.Node) -> bool:
     users = list(wait.users)
-    if not users or any(user.target not in _RESHAPES for user in users):
+    if not users or any(user.target not in RESHAPES for user in users):
         return False
     column_value = fake_value(column)
     mode = detect_fake_mode([column_value])

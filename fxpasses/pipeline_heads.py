@@ -73,10 +73,9 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call
 
-from diffopt.collectives import A2A, ATTENTION_ARGS, WAIT
+from diffopt.collectives import A2A, ATTENTION_ARGS, RESHAPES, WAIT
 
 aten = torch.ops.aten
-_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _SAME_SHAPE = (aten.clone.default, aten._to_copy.default, aten.alias.default, WAIT)
 
 
@@ -132,7 +131,7 @@ def _inputs_backward(node: fx.Node, dim: int) -> list[tuple[fx.Node, int | None]
     source = args[0]
     if not isinstance(source, fx.Node):
         return None
-    if target in _RESHAPES:
+    if target in RESHAPES:
         shape = _shape(source)
         found = None if shape is None else _reshaped_dim(out, shape, dim)
         return None if found is None else [(source, found)]
@@ -174,7 +173,7 @@ def _output_forward(node: fx.Node, source_dim: int) -> int | None:
     out, shape = _shape(node), _shape(args[0])
     if out is None or shape is None:
         return None
-    if target in _RESHAPES:
+    if target in RESHAPES:
         return _reshaped_dim(shape, out, source_dim)
     if target is aten.permute.default:
         perm = [p % len(shape) for p in args[1]]
@@ -354,7 +353,7 @@ def _emit(graph: fx.Graph, attention: fx.Node, region: _Region, log: RewriteLog)
         expected = _shape(node)  # None for the attention's tuple
         if expected is not None:
             expected[region.dims[node]] //= region.chunks
-        if target in _RESHAPES:
+        if target in RESHAPES:
             target, args = aten.reshape.default, (args[0], expected)
         elif target is aten.expand.default:
             args = (args[0], expected, *args[2:])

@@ -79,6 +79,7 @@ from diffopt.graph_pass import (
 
 from diffopt.collectives import (
     A2A,
+    RESHAPES,
     WAIT,
     AllToAll,
     concrete,
@@ -90,7 +91,6 @@ from diffopt.collectives import (
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _SAME_SHAPE = (aten.clone.default, aten.alias.default, prims.convert_element_type.default)
 _UNINITIALIZED = {
     aten.empty.memory_format,
@@ -234,7 +234,7 @@ def _match(collective: AllToAll, replicated: set[fx.Node]) -> tuple[fx.Node, lis
     chain = []
     node = collective.input
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target is not aten.cat.default:
-        if node.target not in _RESHAPES + _SAME_SHAPE + (aten.permute.default,):
+        if node.target not in RESHAPES + _SAME_SHAPE + (aten.permute.default,):
             return None
         if node.target is aten.clone.default and set(node.kwargs) - {"memory_format"}:
             return None
@@ -356,7 +356,7 @@ def _replay(graph: fx.Graph, chain: list[fx.Node], tensor: fx.Node, cat_dim: int
     size = concrete(fake_value(tensor).shape[cat_dim])
     for op in chain:
         out_dim = _track(op, dim)
-        if op.target in _RESHAPES:
+        if op.target in RESHAPES:
             shape = [concrete(s) for s in fake_value(op).shape]
             shape[out_dim] = size
             tensor = insert_call(graph, aten.reshape.default, (tensor, shape), op)

@@ -31,10 +31,9 @@ import torch.fx as fx
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call
 
-from diffopt.collectives import A2A, WAIT, match_all_to_all
+from diffopt.collectives import A2A, RESHAPES, WAIT, match_all_to_all
 
 aten = torch.ops.aten
-_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 class UnflattenAllToAll(GraphPass):
@@ -47,7 +46,7 @@ class UnflattenAllToAll(GraphPass):
             if collective is None or collective.value.dim() != 1:
                 continue
             flatten = collective.input
-            if flatten.target not in _RESHAPES or not isinstance(flatten.args[0], fx.Node):
+            if flatten.target not in RESHAPES or not isinstance(flatten.args[0], fx.Node):
                 continue
             source = flatten.args[0]
             value = fake_value(source)
@@ -63,7 +62,7 @@ class UnflattenAllToAll(GraphPass):
                 received = insert_call(graph, WAIT, (sent,), collective.wait)
             shape = list(value.shape)
             for user in list(collective.wait.users):
-                if user.target in _RESHAPES and list(fake_value(user).shape) == shape:
+                if user.target in RESHAPES and list(fake_value(user).shape) == shape:
                     user.replace_all_uses_with(received)
                     graph.erase_node(user)
             if collective.wait.users:
