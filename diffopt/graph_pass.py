@@ -39,12 +39,17 @@ class RewriteLog:
 
     def __init__(self) -> None:
         self.entries: list[dict[str, str]] = []
+        self.declines: list[dict[str, str]] = []
 
     def add(self, anchor: fx.Node, replaced: str, by: str) -> None:
         """Record one rewrite; ``anchor`` is a node of the stock code it replaced."""
         self.entries.append(
             {"module": module_path(anchor), "source": source_line(anchor), "replaced": replaced, "by": by}
         )
+
+    def decline(self, anchor: fx.Node, reason: str) -> None:
+        """Record a stock form that was found but left as it is, and why (shown by ``explain``)."""
+        self.declines.append({"module": module_path(anchor), "source": source_line(anchor), "reason": reason})
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -108,14 +113,20 @@ def insert_call(graph: fx.Graph, target: Callable[..., Any], args: tuple, origin
     The new node gets a fake value computed from its inputs' fake values (so
     later passes and Inductor see correct shapes and strides), and the stack
     trace and module stack of ``origin`` (so reports point at the user's code).
+    If the call raises on the fake values (an op's argument check), no node is
+    left behind.
     """
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
     fake_args, fake_kwargs = fx.node.map_aggregate((args, kwargs), fake_value)
     mode = detect_fake_mode(_leaves(fake_args, fake_kwargs))
     if mode is not None:
-        with mode:
-            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        try:
+            with mode:
+                node.meta["val"] = target(*fake_args, **fake_kwargs)
+        except Exception:
+            graph.erase_node(node)
+            raise
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr"):
         if key in origin.meta:
             node.meta[key] = origin.meta[key]

@@ -102,23 +102,40 @@ class QKNormRope(GraphPass):
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         position = {node: index for index, node in enumerate(graph.nodes)}
         sites = []
+        off_device = set()
         for node in graph.nodes:
             if node.op == "call_function" and node.target is aten.rsqrt.default:
                 norm = _match_norm(node)
-                if norm is None or fake_value(norm.source).device.type not in self.config["devices"]:
+                if norm is None:
+                    continue
+                device = fake_value(norm.source).device.type
+                if device not in self.config["devices"]:
+                    off_device.add(device)
                     continue
                 site = _match_site(norm, position)
-                if site:
+                if isinstance(site, str):
+                    log.decline(norm.out, site)
+                elif site is not None:
                     sites.append(site)
+        for device in sorted(off_device):
+            log.decline(next(iter(graph.nodes)), f"off on {device} (option devices: {list(self.config['devices'])})")
         used: set[int] = set()
+        reasons: dict[int, str] = {}
         for i, q in enumerate(sites):
             if i in used:
                 continue
             for j in range(i + 1, len(sites)):
-                if j not in used and _compatible(q, sites[j]) and _rewrite(graph, q, sites[j], position, log):
+                if j in used or not _compatible(q, sites[j]):
+                    continue
+                reason = _rewrite(graph, q, sites[j], position, log)
+                position = {node: index for index, node in enumerate(graph.nodes)}
+                if reason is None:
                     used.update((i, j))
-                    position = {node: index for index, node in enumerate(graph.nodes)}
                     break
+                reasons[i] = reasons[j] = reason
+        for i, site in enumerate(sites):
+            if i not in used:
+                log.decline(site.exit, reasons.get(i, "RMSNorm + RoPE with no q/k partner reading the same tables"))
 
 
 # --- shapes (dims may be symbolic: batch and tokens often are) -------------------
@@ -223,8 +240,10 @@ def _match_norm(rsqrt: fx.Node) -> _Norm | None:
 # --- the rotation ----------------------------------------------------------------
 
 
-def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | None:
-    """The rotation that follows ``norm``, trying the norm as across-heads first, then per head."""
+def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None:
+    """The rotation that follows ``norm``, trying the norm as across-heads first, then per head, from the
+    latest exit back. A rotation whose roundings the op cannot reproduce gives the reason (a str)."""
+    kept = None
     out_val = fake_value(norm.out)
     users = list(norm.out.users)
     candidates = []
@@ -252,8 +271,10 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | None:
             with unset_fake_temporarily():  # rows are real tensors, whatever mode compiles the graph
                 layout = _identify_rotation(x, exit_node, members, lead_rank, position)
             if layout is not None:
-                return _Site(norm, norm_over, x, exit_node, members, *layout)
-    return None
+                kept = _rounding_kept(norm.nodes + members, exit_val.dtype)
+                if kept is None:
+                    return _Site(norm, norm_over, x, exit_node, members, *layout)
+    return kept
 
 
 _REGION_OPS = {
@@ -565,39 +586,31 @@ def _compatible(q: _Site, k: _Site) -> bool:
     )
 
 
-def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], log: RewriteLog) -> bool:
+def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], log: RewriteLog) -> str | None:
+    """Replace the q and k sites by one fused call; the reason if they are left as they are."""
+    out_dtype = fake_value(q.exit).dtype
     inputs = [q.norm.source, k.norm.source, q.norm.weight, k.norm.weight]
     inputs += [spec[0] if isinstance(spec, tuple) else spec for spec in (q.cos, q.sin)]
     inputs = [n for n in inputs if n is not None]
     first_user = min((u for site in (q, k) for u in site.exit.users), key=position.__getitem__)
     if not _hoist_before(inputs, first_user, position, set(q.region + k.region)):
-        return False
+        return "an input of k is computed from q's rotated output (or the reverse)"
     anchor = max(inputs, key=position.__getitem__)
     x_val = fake_value(q.x)
-    out_dtype = fake_value(q.exit).dtype
+    inserted: list[fx.Node] = []
     with graph.inserting_before(anchor.next):
-        q_in = _as_bsHD(graph, q, out_dtype)
-        k_in = _as_bsHD(graph, k, out_dtype)
-        cos = _table_as_bs1L(graph, q.cos, x_val.dim() - 1, q.exit)
-        sin = _table_as_bs1L(graph, q.sin, x_val.dim() - 1, q.exit)
-        fused = insert_call(
-            graph,
-            torch.ops.diffopt.qk_norm_rope.default,
-            (q_in, k_in, q.norm.weight, k.norm.weight, cos, sin, None),
-            q.exit,
-            {
-                "norm_over": q.norm_over,
-                "rope_style": q.rope_style,
-                "rope_dim": q.rope_dim,
-                "q_eps": q.norm.eps,
-                "k_eps": k.norm.eps,
-            },
-        )
-        for index, site in enumerate((q, k)):
-            out = insert_call(graph, operator.getitem, (fused, index), site.exit)
-            if fake_value(site.x).dim() == 3:
-                out = insert_call(graph, aten.squeeze.dim, (out, 0), site.exit)
-            site.exit.replace_all_uses_with(out)
+        try:
+            fused, outs = _insert_fused(graph, q, k, x_val.dim(), out_dtype, inserted)
+        except ValueError as error:  # the op's own argument check: a precondition the match did not prove
+            _erase(graph, inserted)
+            return str(error)
+    for site, out in zip((q, k), outs):
+        want, got = fake_value(site.exit), fake_value(out)
+        if not _same_shape(want.stride(), got.stride()):
+            _erase(graph, inserted)
+            return f"the stock result has strides {tuple(want.stride())}; the fused op would give {tuple(got.stride())}"
+    for site, out in zip((q, k), outs):
+        site.exit.replace_all_uses_with(out)
     for site in (q, k):
         erase_unused(graph, site.region + site.norm.nodes)
     log.add(
@@ -605,7 +618,77 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], 
         replaced=f"RMSNorm ({q.norm_over}) + {q.rope_style} RoPE (rope_dim {q.rope_dim}) on q and k",
         by="diffopt.qk_norm_rope",
     )
-    return True
+    return None
+
+
+def _insert_fused(graph, q: _Site, k: _Site, rank: int, out_dtype: torch.dtype, inserted: list[fx.Node]):
+    """Insert the fused call and its outputs in the stock exits' shapes; every new node goes to ``inserted``."""
+
+    def call(target, args, origin, kwargs=None):
+        inserted.append(insert_call(graph, target, args, origin, kwargs))
+        return inserted[-1]
+
+    q_in = _as_bsHD(q, call)
+    k_in = _as_bsHD(k, call)
+    cos = _table_as_bs1L(q.cos, rank - 1, q.exit, call)
+    sin = _table_as_bs1L(q.sin, rank - 1, q.exit, call)
+    q_w = _weight_1d(q.norm, q.exit, call)
+    k_w = _weight_1d(k.norm, k.exit, call)
+    fused = call(
+        torch.ops.diffopt.qk_norm_rope.default,
+        (q_in, k_in, q_w, k_w, cos, sin, None),
+        q.exit,
+        {
+            "norm_over": q.norm_over,
+            "rope_style": q.rope_style,
+            "rope_dim": q.rope_dim,
+            "q_eps": q.norm.eps,
+            "k_eps": k.norm.eps,
+            "out_dtype": out_dtype,
+        },
+    )
+    outs = []
+    for index, site in enumerate((q, k)):
+        out = call(operator.getitem, (fused, index), site.exit)
+        if rank == 3:
+            out = call(aten.squeeze.dim, (out, 0), site.exit)
+        outs.append(out)
+    return fused, outs
+
+
+def _erase(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    for node in reversed(nodes):
+        graph.erase_node(node)
+
+
+def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every value of ``narrow`` is exactly a value of ``wide`` (float dtypes)."""
+    a, b = torch.finfo(wide), torch.finfo(narrow)
+    return a.bits >= b.bits and a.eps <= b.eps and a.max >= b.max and a.smallest_normal <= b.smallest_normal
+
+
+def _rounding_kept(nodes: list[fx.Node], out_dtype: torch.dtype) -> str | None:
+    """Why the fused op (fp32 math from the inputs' values, one rounding to ``out_dtype``) would not compute
+    what the stock ``nodes`` (a norm and its rotation) compute; None if it does.
+
+    The stock code rounds every intermediate to its dtype. A rounding to a dtype that holds every value of
+    the output dtype is finer than the one at the exit, so skipping it keeps the result within the output's
+    rounding (and closer to the exact value). A rounding to a narrower dtype (``.to(bfloat16).float()`` in
+    fp32 code) is part of what the program computes, and float64 math is more than the op's fp32 gives.
+    """
+    for node in nodes:
+        values = fake_value(node)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if not isinstance(value, torch.Tensor):
+                continue
+            dtype = value.dtype.to_real() if value.dtype.is_complex else value.dtype
+            if not dtype.is_floating_point:
+                return f"the stock code computes in {value.dtype}"
+            if torch.finfo(dtype).bits > 32:
+                return f"the stock code computes in {value.dtype}; the fused op computes in float32"
+            if not _holds(dtype, out_dtype):
+                return f"the stock code rounds to {value.dtype} before its {out_dtype} result"
+    return None
 
 
 def _hoist_before(inputs: list[fx.Node], first_user: fx.Node, position: dict[fx.Node, int], region: set) -> bool:
@@ -632,26 +715,31 @@ def _hoist_before(inputs: list[fx.Node], first_user: fx.Node, position: dict[fx.
     return True
 
 
-def _as_bsHD(graph: fx.Graph, site: _Site, out_dtype: torch.dtype) -> fx.Node:
+def _as_bsHD(site: _Site, call) -> fx.Node:
+    """The norm's input as [B, S, H, D], read in its own dtype (the op computes in fp32 from it)."""
     x_val = fake_value(site.x)
     source = site.norm.source
-    if fake_value(source).dtype != out_dtype:
-        # The stock code keeps the higher-precision result: compute in that dtype.
-        source = insert_call(graph, prims.convert_element_type.default, (source, out_dtype), site.exit)
     if site.norm_over == "hidden":
         # [..., H*D] -> [..., H, D], with the shape the graph itself uses for the head split
-        source = insert_call(graph, site.x.target, (source, site.x.args[1]), site.exit)
+        source = call(site.x.target, (source, site.x.args[1]), site.exit)
     if x_val.dim() == 3:  # unbatched tokens [N, H, D] -> [1, N, H, D]
-        source = insert_call(graph, aten.unsqueeze.default, (source, 0), site.exit)
+        source = call(aten.unsqueeze.default, (source, 0), site.exit)
     return source
 
 
-def _table_as_bs1L(graph: fx.Graph, spec: Any, lead_rank: int, origin: fx.Node) -> fx.Node:
+def _weight_1d(norm: _Norm, origin: fx.Node, call) -> fx.Node | None:
+    """The norm weight as the op takes it: [size] (stock code may hold it as [1, size] or [1, 1, 1, size])."""
+    if norm.weight is None or fake_value(norm.weight).dim() == 1:
+        return norm.weight
+    return call(aten.reshape.default, (norm.weight, [norm.size]), origin)
+
+
+def _table_as_bs1L(spec: Any, lead_rank: int, origin: fx.Node, call) -> fx.Node:
     node, part = spec if isinstance(spec, tuple) else (spec, None)
     if part is not None:
-        node = insert_call(graph, aten.view_as_real.default, (node,), origin)
-        node = insert_call(graph, aten.select.int, (node, -1, part), origin)
+        node = call(aten.view_as_real.default, (node,), origin)
+        node = call(aten.select.int, (node, -1, part), origin)
     # Right-aligned with the heads tensor's [tokens..., H, L]; the kernel wants [B, S, 1, L].
     for _ in range(4 - fake_value(node).dim()):
-        node = insert_call(graph, aten.unsqueeze.default, (node, 0), origin)
+        node = call(aten.unsqueeze.default, (node, 0), origin)
     return node

@@ -12,7 +12,8 @@ CUDA runs the Triton kernel in ``qk_norm_rope_triton.py``; any other device runs
 Registered with ``torch.library.Library`` (opaque to Inductor; the rewrite pass inserts it
 post-grad, where a ``triton_op`` would be opaque too), which runs the same way on torch 2.11 and
 2.13, eagerly and inside Inductor-generated code on CUDA and CPU. Functional: inputs are never
-mutated, outputs are new contiguous tensors.
+mutated; outputs are new tensors in ``out_dtype`` (default: the input's), laid out like the inputs
+(``reference.output_like``: the layout stock elementwise code on them produces).
 
 Accuracy: q/k, weights and tables are read in their own dtype (a bf16 table's values are the bf16
 values), all math is fp32, and each output is rounded once to its dtype. For bf16/fp16 outputs that
@@ -30,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import check_qk_norm_rope_args, qk_norm_rope_reference
+from .reference import check_qk_norm_rope_args, output_like, qk_norm_rope_reference
 
 try:  # triton is optional: without it every device runs the reference
     from .qk_norm_rope_triton import qk_norm_rope_triton
@@ -41,7 +42,8 @@ __all__ = ["qk_norm_rope", "QK_NORM_ROPE_SCHEMA"]
 
 QK_NORM_ROPE_SCHEMA = (
     "(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor cos, Tensor sin, Tensor? positions=None, *, "
-    "str norm_over, str rope_style, int rope_dim, float q_eps, float k_eps) -> (Tensor, Tensor)"
+    "str norm_over, str rope_style, int rope_dim, float q_eps, float k_eps, ScalarType? out_dtype=None) "
+    "-> (Tensor, Tensor)"
 )
 
 
@@ -68,7 +70,8 @@ if _REGISTER:
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor], cos: Tensor,
                  sin: Tensor, positions: Optional[Tensor] = None, *, norm_over: str, rope_style: str,
-                 rope_dim: int, q_eps: float, k_eps: float) -> tuple[Tensor, Tensor]:
+                 rope_dim: int, q_eps: float, k_eps: float,
+                 out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """Fused RMSNorm(q), RMSNorm(k), then RoPE on the first rope_dim channels of each head.
 
     q [B,S,Hq,D], k [B,S,Hk,D] (fp32/bf16/fp16, any strides, any Hq:Hk); norm_over "head" (RMS over
@@ -76,27 +79,30 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
     k_eps used as given. rope_style "neox" (half split; cos/sin last dim rope_dim = per channel or
     rope_dim/2 = per pair) or "interleaved" (pairs (2j, 2j+1), last dim rope_dim/2); rope_dim=-1
     means D. cos/sin broadcast to [B,S,1,L] in fp32/bf16/fp16 with any strides, or are [P, L] caches
-    indexed by positions ([B,S] or [S]). Returns new contiguous (q_out, k_out) in q's/k's dtype.
+    indexed by positions ([B,S] or [S]). Returns new (q_out, k_out) in out_dtype (default q's/k's
+    dtype), laid out like q and k (``reference.output_like``).
     Exact definition: ``qk_norm_rope_reference``.
 
     Accuracy: all math in fp32, rounded once: within 1 ulp of the output dtype of the float64 result,
     and never worse than the stock eager code (which rounds the normed q/k to bf16 before rotating).
     """
     return torch.ops.diffopt.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, positions, norm_over=norm_over,
-                                          rope_style=rope_style, rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps)
+                                          rope_style=rope_style, rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps,
+                                          out_dtype=out_dtype)
 
 
 def _qk_norm_rope_cpu(q, k, q_weight, k_weight, cos, sin, positions=None, *, norm_over, rope_style, rope_dim,
-                      q_eps, k_eps):
+                      q_eps, k_eps, out_dtype=None):
     return qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, positions, norm_over=norm_over,
-                                  rope_style=rope_style, rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps)
+                                  rope_style=rope_style, rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps,
+                                  out_dtype=out_dtype)
 
 
 def _qk_norm_rope_cuda(q, k, q_weight, k_weight, cos, sin, positions=None, *, norm_over, rope_style, rope_dim,
-                       q_eps, k_eps):
+                       q_eps, k_eps, out_dtype=None):
     fn = qk_norm_rope_triton if qk_norm_rope_triton is not None else qk_norm_rope_reference
     return fn(q, k, q_weight, k_weight, cos, sin, positions, norm_over=norm_over, rope_style=rope_style,
-              rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps)
+              rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps, out_dtype=out_dtype)
 
 
 if _REGISTER:
@@ -105,9 +111,9 @@ if _REGISTER:
 
 
 def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, positions=None, *, norm_over, rope_style, rope_dim,
-                       q_eps, k_eps):
-    check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim)
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+                       q_eps, k_eps, out_dtype=None):
+    check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim, out_dtype)
+    return output_like(q, out_dtype), output_like(k, out_dtype)
 
 
 if _REGISTER:

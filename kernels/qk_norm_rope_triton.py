@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import check_qk_norm_rope_args
+from .reference import check_qk_norm_rope_args, output_like
 
 __all__ = ["qk_norm_rope_triton", "choose_config"]
 
@@ -75,12 +75,12 @@ def _to_out(x, dt: tl.constexpr, MANUAL_RNE: tl.constexpr):
 
 
 @triton.jit
-def _finish_tile(o_ptr, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2,
+def _finish_tile(o_ptr, s_oh, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2,
                  H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr, HALF: tl.constexpr,
                  HB: tl.constexpr, PB: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr,
                  HIDDEN: tl.constexpr, HAS_W: tl.constexpr, RNE: tl.constexpr, EV_W: tl.constexpr):
     """Scale by rstd (and the weight), rotate, round once and store heads [h0, h0+BH) of the token's
-    contiguous output row o_ptr."""
+    output row o_ptr (head stride s_oh, channel stride 1)."""
     a = a * rstd
     b = b * rstd
     p = p * rstd
@@ -99,7 +99,7 @@ def _finish_tile(o_ptr, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2,
     dt = o_ptr.dtype.element_ty
     hh = h0 + tl.arange(0, BH)
     hm = (hh < H)[:, None]
-    row = o_ptr + hh[:, None] * D
+    row = o_ptr + hh.to(tl.int64)[:, None] * s_oh
     if INTERLEAVED:
         c = tl.arange(0, 2 * HB)
         x = tl.reshape(tl.join(oa, ob), [BH, 2 * HB])
@@ -115,7 +115,7 @@ def _finish_tile(o_ptr, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2,
 
 
 @triton.jit
-def _norm_rope_heads(x_ptr, o_ptr, w_ptr, s_h, s_d, h0, eps, c1, s1, c2, s2,
+def _norm_rope_heads(x_ptr, o_ptr, s_oh, w_ptr, s_h, s_d, h0, eps, c1, s1, c2, s2,
                      H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr,
                      HALF: tl.constexpr, HB: tl.constexpr, PB: tl.constexpr, INTERLEAVED: tl.constexpr,
                      HAS_PASS: tl.constexpr, HIDDEN: tl.constexpr, HAS_W: tl.constexpr, RNE: tl.constexpr,
@@ -129,7 +129,7 @@ def _norm_rope_heads(x_ptr, o_ptr, w_ptr, s_h, s_d, h0, eps, c1, s1, c2, s2,
             if HAS_PASS:
                 ss += tl.sum(p * p)
             rstd = tl.rsqrt(ss / (H * D) + eps)
-            _finish_tile(o_ptr, w_ptr, 0, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB, PB,
+            _finish_tile(o_ptr, s_oh, w_ptr, 0, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB, PB,
                          INTERLEAVED, HAS_PASS, HIDDEN, HAS_W, RNE, EV_W)
         else:  # two passes over head blocks: sum of squares, then normalize + rotate + store
             ss = tl.zeros([BH], dtype=tl.float32)
@@ -143,7 +143,7 @@ def _norm_rope_heads(x_ptr, o_ptr, w_ptr, s_h, s_d, h0, eps, c1, s1, c2, s2,
             for i in tl.static_range((H + BH - 1) // BH):
                 a, b, p = _load_tile(x_ptr, s_h, s_d, i * BH, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED,
                                      HAS_PASS, EV_X)
-                _finish_tile(o_ptr, w_ptr, i * BH, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB,
+                _finish_tile(o_ptr, s_oh, w_ptr, i * BH, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB,
                              PB, INTERLEAVED, HAS_PASS, HIDDEN, HAS_W, RNE, EV_W)
     else:  # per-head RMS over D: a row sum of the tile
         a, b, p = _load_tile(x_ptr, s_h, s_d, h0, H, BH, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS, EV_X)
@@ -151,7 +151,7 @@ def _norm_rope_heads(x_ptr, o_ptr, w_ptr, s_h, s_d, h0, eps, c1, s1, c2, s2,
         if HAS_PASS:
             ss += tl.sum(p * p, axis=1)
         rstd = tl.rsqrt(ss / D + eps)[:, None]
-        _finish_tile(o_ptr, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB, PB,
+        _finish_tile(o_ptr, s_oh, w_ptr, h0, rstd, a, b, p, c1, s1, c2, s2, H, BH, D, ROPE_DIM, HALF, HB, PB,
                      INTERLEAVED, HAS_PASS, HIDDEN, HAS_W, RNE, EV_W)
 
 
@@ -159,6 +159,7 @@ def _norm_rope_heads(x_ptr, o_ptr, w_ptr, s_h, s_d, h0, eps, c1, s1, c2, s2,
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
     S, s_qb, s_qs, s_qh, s_qd, s_kb, s_ks, s_kh, s_kd,
+    s_qob, s_qos, s_qoh, s_kob, s_kos, s_koh,
     s_cb, s_cs, s_cl, s_sb, s_ss, s_sl, s_pb, s_ps,
     q_eps, k_eps,
     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, ROPE_DIM: tl.constexpr, HALF: tl.constexpr,
@@ -190,11 +191,11 @@ def _qk_norm_rope_kernel(
         c2 = c1
         s2 = s1
     if blk < NQB:
-        _norm_rope_heads(q_ptr + bi * s_qb + si * s_qs, qo_ptr + t * (HQ * D), qw_ptr, s_qh, s_qd, blk * BHQ,
+        _norm_rope_heads(q_ptr + bi * s_qb + si * s_qs, qo_ptr + bi * s_qob + si * s_qos, s_qoh, qw_ptr, s_qh, s_qd, blk * BHQ,
                          q_eps, c1, s1, c2, s2, HQ, BHQ, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS, HIDDEN,
                          HAS_QW, RNE, EV_X, EV_X1, EV_W)
     else:
-        _norm_rope_heads(k_ptr + bi * s_kb + si * s_ks, ko_ptr + t * (HK * D), kw_ptr, s_kh, s_kd,
+        _norm_rope_heads(k_ptr + bi * s_kb + si * s_ks, ko_ptr + bi * s_kob + si * s_kos, s_koh, kw_ptr, s_kh, s_kd,
                          (blk - NQB) * BHK, k_eps, c1, s1, c2, s2, HK, BHK, D, ROPE_DIM, HALF, HB, PB,
                          INTERLEAVED, HAS_PASS, HIDDEN, HAS_KW, RNE, EV_X, EV_X1, EV_W)
 
@@ -244,6 +245,7 @@ def choose_config(Hq: int, Hk: int, D: int, norm_over: str) -> dict:
 def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
                         cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None, *, norm_over: str,
                         rope_style: str, rope_dim: int, q_eps: float, k_eps: float,
+                        out_dtype: Optional[torch.dtype] = None,
                         config: Optional[dict] = None) -> tuple[Tensor, Tensor]:
     """Launch the fused kernel directly (same arguments and result as ``torch.ops.diffopt.qk_norm_rope``).
 
@@ -251,10 +253,10 @@ def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weig
     were defined. ``config`` overrides ``choose_config`` (keys block_hq, block_hk, num_warps, and
     hints: L2 eviction hints, evict_first on streamed q/k loads, evict_last on weights).
     """
-    info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim)
+    info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim,
+                                   out_dtype)
     B, S, Hq, Hk, D, rd, L = info.B, info.S, info.Hq, info.Hk, info.D, info.rope_dim, info.table_len
-    qo = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
-    ko = torch.empty((B, S, Hk, D), dtype=k.dtype, device=k.device)
+    qo, ko = output_like(q, out_dtype), output_like(k, out_dtype)
     if B * S == 0 or Hq * Hk == 0:
         return qo, ko
     hidden = norm_over == "hidden"
@@ -281,7 +283,7 @@ def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weig
     grid = (B * S * nb,)
     _qk_norm_rope_kernel[grid](
         q, k, qo, ko, qw, kw, cos, sin, pos,
-        S, *q.stride(), *k.stride(), *cs, *ss, s_pb, s_ps,
+        S, *q.stride(), *k.stride(), *qo.stride()[:3], *ko.stride()[:3], *cs, *ss, s_pb, s_ps,
         float(q_eps), float(k_eps),
         HQ=Hq, HK=Hk, D=D, ROPE_DIM=rd, HALF=half, HB=_pow2(half), PB=_pow2(D - rd), BHQ=bhq, BHK=bhk,
         NQB=nqb, NB=nb, HIDDEN=hidden, INTERLEAVED=rope_style == "interleaved", PER_CHANNEL=info.per_channel,

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["QKNormRopeShape", "apply_rope", "check_qk_norm_rope_args", "qk_norm_rope_reference", "rope_tables"]
+__all__ = ["QKNormRopeShape", "apply_rope", "check_qk_norm_rope_args", "output_like", "qk_norm_rope_reference",
+           "rope_tables"]
 
 NORM_OVER = ("head", "hidden")
 ROPE_STYLES = ("neox", "interleaved")
@@ -32,9 +33,23 @@ class QKNormRopeShape:
     per_channel: bool  # True: L == rope_dim (neox only); False: L == rope_dim // 2 (one entry per pair)
 
 
+FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def output_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The op's output buffer for input ``x`` ([B, S, H, D]): x's memory layout (dim order by stride, made
+    dense: what stock elementwise code on x produces) when its channels stay innermost, else contiguous."""
+    dtype = x.dtype if dtype is None else dtype
+    out = torch.empty_like(x, dtype=dtype)
+    if x.shape[-1] != 1 and out.stride(-1) != 1:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    return out
+
+
 def check_qk_norm_rope_args(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
                             cos: Tensor, sin: Tensor, positions: Optional[Tensor], norm_over: str,
-                            rope_style: str, rope_dim: int) -> QKNormRopeShape:
+                            rope_style: str, rope_dim: int,
+                            out_dtype: Optional[torch.dtype] = None) -> QKNormRopeShape:
     """Validate the arguments of ``diffopt::qk_norm_rope`` and return the problem's shape.
 
     Raises ``ValueError`` on anything outside the op's contract (see ``qk_norm_rope_reference``).
@@ -50,9 +65,10 @@ def check_qk_norm_rope_args(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_
     need(k.shape[0] == B and k.shape[1] == S and k.shape[3] == D,
          f"k {tuple(k.shape)} must match q {tuple(q.shape)} in B, S and D")
     Hk = k.shape[2]
-    float_types = (torch.float32, torch.bfloat16, torch.float16)
+    float_types = FLOAT_TYPES
     need(q.dtype in float_types and k.dtype in float_types,
          f"q/k dtype must be fp32/bf16/fp16, got {q.dtype}/{k.dtype}")
+    need(out_dtype is None or out_dtype in float_types, f"out_dtype must be fp32/bf16/fp16, got {out_dtype}")
     if rope_dim == -1:
         rope_dim = D
     need(2 <= rope_dim <= D and rope_dim % 2 == 0, f"rope_dim must be even and in [2, D={D}], got {rope_dim}")
@@ -95,7 +111,7 @@ def rope_tables(cos: Tensor, sin: Tensor, positions: Optional[Tensor], B: int, S
 
 
 def _norm_rope_one(x: Tensor, w: Optional[Tensor], eps: float, cos: Tensor, sin: Tensor,
-                   norm_over: str, rope_style: str, rope_dim: int) -> Tensor:
+                   norm_over: str, rope_style: str, rope_dim: int, out_dtype: Optional[torch.dtype]) -> Tensor:
     B, S, H, D = x.shape
     xf = x.float()
     # RMSNorm, fp32: per head (over D) or over the whole token (over H*D, the Wan form).
@@ -103,7 +119,8 @@ def _norm_rope_one(x: Tensor, w: Optional[Tensor], eps: float, cos: Tensor, sin:
     xf = xf * torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
     if w is not None:
         xf = xf * w.float().view(-1 if norm_over == "head" else H, D)
-    return apply_rope(xf, cos, sin, rope_style, rope_dim).to(x.dtype).contiguous()
+    out = output_like(x, out_dtype)
+    return out.copy_(apply_rope(xf, cos, sin, rope_style, rope_dim))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rope_style: str, rope_dim: int) -> Tensor:
@@ -127,7 +144,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rope_style: str, rope_dim: i
 def qk_norm_rope_reference(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
                            cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None, *,
                            norm_over: str, rope_style: str, rope_dim: int, q_eps: float,
-                           k_eps: float) -> tuple[Tensor, Tensor]:
+                           k_eps: float, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """Reference for ``torch.ops.diffopt.qk_norm_rope``: RMSNorm of q and of k, then RoPE.
 
     q [B, S, Hq, D], k [B, S, Hk, D] (any strides, Hq != Hk allowed), fp32/bf16/fp16.
@@ -140,9 +157,12 @@ def qk_norm_rope_reference(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_w
     serves channels j and j+h. "interleaved": out[2j] = x[2j]*c[j] - x[2j+1]*s[j],
     out[2j+1] = x[2j]*s[j] + x[2j+1]*c[j], per-pair tables (L = h).
     cos/sin broadcast to [B, S, 1, L] (L = rope_dim or rope_dim/2), or are [P, L] caches indexed by
-    ``positions`` ([B, S] or [S] integers). Returns new contiguous (q_out, k_out) in q's/k's dtype.
+    ``positions`` ([B, S] or [S] integers). Returns new tensors (q_out, k_out) in ``out_dtype`` (default:
+    q's/k's dtype), each laid out like its input (``output_like``): the math is fp32 from the inputs'
+    values and each output is rounded once.
     """
-    info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim)
+    info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim,
+                                   out_dtype)
     c, s = rope_tables(cos, sin, positions, info.B, info.S)
-    args = (c, s, norm_over, rope_style, info.rope_dim)
+    args = (c, s, norm_over, rope_style, info.rope_dim, out_dtype)
     return _norm_rope_one(q, q_weight, q_eps, *args), _norm_rope_one(k, k_weight, k_eps, *args)

@@ -205,7 +205,9 @@ def check_outputs(got, truth, stock_out, dtype):
     """got within ~1 ulp (of dtype) of the float64 truth, and its error no worse than stock's."""
     eps = torch.finfo(dtype).eps
     for name, g_, t, s in zip("qk", got, truth, stock_out):
-        assert g_.dtype == dtype and g_.shape == t.shape and g_.is_contiguous(), name
+        # laid out like the input (output_like): dense, channels innermost
+        assert g_.dtype == dtype and g_.shape == t.shape and g_.stride(-1) == 1, name
+        assert torch.empty_like(g_).stride() == g_.stride(), name
         t = t.double()
         scale = t.abs().max().item()
         err = (g_.double() - t).abs()
@@ -398,7 +400,7 @@ def _interpret_main():
         ref = qk_norm_rope_reference(*args, **kwargs)
         eps = torch.finfo(case.dtype).eps
         for g_, r in zip(got, ref):
-            assert g_.shape == r.shape and g_.dtype == r.dtype and g_.is_contiguous()
+            assert g_.shape == r.shape and g_.dtype == r.dtype and g_.stride() == r.stride()
             diff = (g_.double() - r.double()).abs()
             scale = r.abs().max().item()
             assert (diff <= eps * r.double().abs() + 4e-6 * scale).all(), (case, cfg, diff.max().item())
@@ -495,3 +497,31 @@ def test_a_second_import_of_the_kernel_module_does_not_register_twice():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "torch.Size([1, 3, 2, 8])" in run.stdout
+
+
+@pytest.mark.parametrize("layout", ["contig", "bhsd", "packed"])
+def test_outputs_follow_the_input_layout(layout):
+    # Stock elementwise code keeps its input's dim order; so does the op (strides are part of the result).
+    args, kwargs, _ = build(Case(B=2, S=5, Hq=4, Hk=2, D=16, rope_dim=16, layout=layout))
+    q, k = args[0], args[1]
+    qo, ko = OP(*args, **kwargs)
+    assert qo.stride() == torch.empty_like(q).stride() and ko.stride() == torch.empty_like(k).stride()
+    if layout == "bhsd":
+        assert not qo.is_contiguous() and qo.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_out_dtype_rounds_once_from_fp32(out_dtype):
+    # fp32 q/k with magnitudes past fp16's range before the norm: computing in fp32 and rounding once at the
+    # exit is finite and within half an ulp of the float64 result; casting first would overflow.
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 4, 16, generator=g) * 3e5
+    k = torch.randn(1, 6, 2, 16, generator=g) * 3e5
+    ang = torch.rand(6, 8, generator=g) * 6.28
+    cos, sin = ang.cos().view(1, 6, 1, 8), ang.sin().view(1, 6, 1, 8)
+    kw = dict(norm_over="head", rope_style="neox", rope_dim=16, q_eps=1e-6, k_eps=1e-6)
+    qo, ko = OP(q, k, None, None, cos, sin, **kw, out_dtype=out_dtype)
+    q64, k64 = OP(q, k, None, None, cos, sin, **kw)
+    for got, ref in ((qo, q64), (ko, k64)):
+        assert got.dtype == out_dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref.to(out_dtype), rtol=0, atol=0)
