@@ -99,6 +99,18 @@ def is_pure(target: Any) -> bool:
     return not target._schema.is_mutable and not excluded.intersection(target.tags)
 
 
+def is_pure_call(node: fx.Node) -> bool:
+    """:func:`is_pure` for one call: also a gather by integer index tensors (``aten.index.Tensor`` with no
+    boolean mask), whose output shape is the indices' and whose values are a function of its arguments."""
+    if node.op != "call_function":
+        return False
+    if node.target is torch.ops.aten.index.Tensor:
+        indices = node.args[1]
+        values = [fake_value(index) for index in indices if index is not None]
+        return all(isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool for v in values)
+    return is_pure(node.target)
+
+
 def fake_value(node: Any) -> Any:
     """The fake tensor (or value) a node produces, if the graph recorded it."""
     if not isinstance(node, fx.Node):

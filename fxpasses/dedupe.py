@@ -11,8 +11,10 @@ Optimized form: the second computation is dropped and its users read the first.
 Besides the saved work, later rewrites then see one value with one definition.
 
 Preconditions: the op is an ATen/prims op that neither mutates, draws random
-numbers, nor has a data-dependent output (``.item()``, ``nonzero``), and both nodes have the same target, the same arguments (the same nodes
-or equal constants) and the same keyword arguments.
+numbers, nor has a data-dependent output (``.item()``, ``nonzero``; a gather by
+integer indices, ``table[positions]``, has none), and both nodes have the same
+target, the same arguments (the same nodes or equal constants) and the same
+keyword arguments.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, is_pure
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage, is_pure_call
 
 
 class Dedupe(GraphPass):
@@ -32,7 +34,7 @@ class Dedupe(GraphPass):
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         first: dict[Any, fx.Node] = {}
         for node in list(graph.nodes):
-            if node.op != "call_function" or not is_pure(node.target):
+            if not is_pure_call(node):
                 continue
             key = _key(node)
             if key is None:

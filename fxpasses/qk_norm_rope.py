@@ -58,7 +58,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call, is_pure
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call, is_pure_call
 from diffopt.kernels.reference import apply_rope
 
 aten = torch.ops.aten
@@ -105,18 +105,16 @@ class QKNormRope(GraphPass):
         off_device = set()
         for node in graph.nodes:
             if node.op == "call_function" and node.target is aten.rsqrt.default:
-                norm = _match_norm(node)
-                if norm is None:
-                    continue
-                device = fake_value(norm.source).device.type
-                if device not in self.config["devices"]:
-                    off_device.add(device)
-                    continue
-                site = _match_site(norm, position)
-                if isinstance(site, str):
-                    log.decline(norm.out, site)
-                elif site is not None:
-                    sites.append(site)
+                for norm in _match_norms(node):
+                    device = fake_value(norm.source).device.type
+                    if device not in self.config["devices"]:
+                        off_device.add(device)
+                        continue
+                    site = _match_site(norm, position)
+                    if isinstance(site, str):
+                        log.decline(norm.out, site)
+                    elif site is not None:
+                        sites.append(site)
         for device in sorted(off_device):
             log.decline(next(iter(graph.nodes)), f"off on {device} (option devices: {list(self.config['devices'])})")
         used: set[int] = set()
@@ -180,61 +178,82 @@ def _scalar(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _match_norm(rsqrt: fx.Node) -> _Norm | None:
+def _match_norms(rsqrt: fx.Node) -> list[_Norm]:
+    """The norms of X whose statistic is this ``rsqrt``: one per weighted branch where several norms of
+    the same tensor share it (q and k normed from one tensor, after ``dedupe`` merged their statistics)."""
     add = rsqrt.args[0]
     if not (isinstance(add, fx.Node) and add.target in (aten.add.Scalar, aten.add.Tensor) and len(add.users) == 1):
-        return None
+        return []
     mean, eps = add.args[0], _scalar(add.args[1])
     if eps is None or eps <= 0 or add.kwargs.get("alpha", 1) != 1:
-        return None
-    if not (isinstance(mean, fx.Node) and mean.target is aten.mean.dim and len(mean.users) == 1):
-        return None
+        return []
+    if not (isinstance(mean, fx.Node) and mean.target is aten.mean.dim):
+        return []
     square = mean.args[0]
     dims = mean.args[1]
     keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
     x_val = fake_value(square)
     if not keepdim or not isinstance(x_val, torch.Tensor) or [d % x_val.dim() for d in dims] != [x_val.dim() - 1]:
-        return None
+        return []
     if square.target is aten.pow.Tensor_Scalar and square.args[1] == 2:
         upcast = square.args[0]
     elif square.target is aten.mul.Tensor and square.args[0] is square.args[1]:
         upcast = square.args[0]
     else:
-        return None
+        return []
     source = _strip_casts(upcast)
-    if len(square.users) != 1 or len(rsqrt.users) != 1:
-        return None
-    scale = next(iter(rsqrt.users))
-    if scale.target is not aten.mul.Tensor or rsqrt not in scale.args:
-        return None
-    other = scale.args[0] if scale.args[1] is rsqrt else scale.args[1]
-    if _strip_casts(other) is not source:
-        return None
     size = _concrete(x_val.shape[-1])
-    if size is None:
-        return None
-    nodes = [square, mean, add, rsqrt, scale]
+    # The statistics may feed other norms of the same tensor (their own eps), nothing else.
+    if size is None or list(square.users) != [mean] or not all(_is_eps_add(user) for user in mean.users):
+        return []
+    prefix = [square, mean, add, rsqrt]
     if upcast is not source:
-        nodes.insert(0, upcast)
-    weight = None
-    out = scale
-    while len(out.users) == 1:
-        user = next(iter(out.users))
+        prefix.insert(0, upcast)
+    norms = []
+    for scale in rsqrt.users:
+        if scale.target is not aten.mul.Tensor or rsqrt not in scale.args:
+            return []
+        other = scale.args[0] if scale.args[1] is rsqrt else scale.args[1]
+        if _strip_casts(other) is not source:
+            return []
+        norms += [
+            _Norm(source, weight, eps, size, prefix + chain, chain[-1])
+            for weight, chain in _norm_tails(scale, None, [scale], size)
+        ]
+    # The upcast X and the source may feed other consumers, the mean other norms' eps; the norms' own
+    # intermediates only each other.
+    family = {node for norm in norms for node in norm.nodes}
+    for norm in norms:
+        if any(user not in family for node in norm.nodes[:-1] if node not in (upcast, mean) for user in node.users):
+            return []
+    return norms
+
+
+def _is_eps_add(node: fx.Node) -> bool:
+    return node.target in (aten.add.Scalar, aten.add.Tensor) and _scalar(node.args[1]) is not None and all(
+        user.target is aten.rsqrt.default for user in node.users
+    )
+
+
+def _norm_tails(out: fx.Node, weight: fx.Node | None, chain: list[fx.Node], size: int):
+    """(weight, nodes) of each norm ending after ``out``: casts and at most one weight multiply; where every
+    user of ``out`` is one of those, each user starts its own norm."""
+    users = list(out.users)
+    steps = []
+    for user in users:
         if _is_cast(user):
-            out = user
+            steps.append((weight, user))
         elif weight is None and user.target is aten.mul.Tensor and out in user.args:
             w = user.args[0] if user.args[1] is out else user.args[1]
             w_val = fake_value(w)
             if not isinstance(w_val, torch.Tensor) or _concrete(w_val.numel()) != size or _concrete(w_val.shape[-1]) != size:
                 break
-            weight, out = _strip_casts(w), user
+            steps.append((_strip_casts(w), user))
         else:
             break
-        nodes.append(out)
-    # The upcast X and the source may feed other consumers; the norm's own intermediates may not.
-    if any(user not in nodes for node in nodes[:-1] for user in node.users if node is not upcast):
-        return None
-    return _Norm(source, weight, eps, size, nodes, out)
+    if not users or len(steps) != len(users):
+        return [(weight, chain)]
+    return [tail for w, user in steps for tail in _norm_tails(user, w, chain + [user], size)]
 
 
 # --- the rotation ----------------------------------------------------------------
@@ -560,7 +579,7 @@ def _same_value(a: Any, b: Any, depth: int) -> bool:
             depth > 0
             and a.op == b.op == "call_function"
             and a.target == b.target
-            and is_pure(a.target)
+            and is_pure_call(a)
             and a.kwargs == b.kwargs
             and len(a.args) == len(b.args)
             and all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args))

@@ -256,3 +256,54 @@ def test_off_on_this_device_is_reported():
     args = (rand(B, S, H, D), rand(B, S, H, D, seed=1), *tables(S, D))
     result = trace(float64_everywhere, *args)  # default devices: CUDA only
     assert fired(result) == 0 and any("off on cpu" in reason for reason in declines(result))
+
+
+# --- stock forms found on the way ------------------------------------------------------------------
+
+
+def own_gathered_tables(q, k, cos_cache, sin_cache, positions):
+    # q and k each gather their rows of the same cache with the same positions
+    q = F.rms_norm(q, (q.shape[-1],), None, 1e-6)
+    k = F.rms_norm(k, (k.shape[-1],), None, 1e-6)
+    qc, qs = cos_cache[positions].unsqueeze(2), sin_cache[positions].unsqueeze(2)
+    kc, ks = cos_cache[positions].unsqueeze(2), sin_cache[positions].unsqueeze(2)
+    return q * qc + rotate_half(q) * qs, k * kc + rotate_half(k) * ks
+
+
+def normed_from_one_tensor(x, wq, wk, cos, sin, k_eps):
+    # q and k normed from the same tensor, with their own weights (and eps): dedupe shares the statistics
+    q = F.rms_norm(x, (x.shape[-1],), wq, 1e-6)
+    k = F.rms_norm(x, (x.shape[-1],), wk, k_eps)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def other_positions(q, k, cos_cache, sin_cache, positions):
+    # near-miss: k gathers other rows than q
+    q = F.rms_norm(q, (q.shape[-1],), None, 1e-6)
+    k = F.rms_norm(k, (k.shape[-1],), None, 1e-6)
+    qc, qs = cos_cache[positions].unsqueeze(2), sin_cache[positions].unsqueeze(2)
+    kc, ks = cos_cache[positions + 1].unsqueeze(2), sin_cache[positions + 1].unsqueeze(2)
+    return q * qc + rotate_half(q) * qs, k * kc + rotate_half(k) * ks
+
+
+@pytest.mark.parametrize("inductor", INDUCTOR)
+@pytest.mark.parametrize("case", ["own_tables", "one_tensor", "one_tensor_same_eps", "other_positions"])
+def test_more_stock_forms(inductor, case):
+    B, S, H, D = 2, 5, 4, 16
+    g = torch.Generator().manual_seed(21)
+    ang = torch.rand(12, D, generator=g) * 6.28
+    positions = torch.randint(0, 10, (B, S), generator=g)
+    if case in ("own_tables", "other_positions"):
+        fn = own_gathered_tables if case == "own_tables" else other_positions
+        args = (rand(B, S, H, D, seed=1), rand(B, S, 2, D, seed=2), ang.cos(), ang.sin(), positions)
+    else:
+        cos, sin = tables(S, D)
+        fn = normed_from_one_tensor
+        args = (rand(B, S, H, D, seed=3), rand(D, seed=4), rand(D, seed=5), cos, sin,
+                1e-6 if case == "one_tensor_same_eps" else 1e-3)
+    eager = fn(*args)
+    result = compile_and_run(fn, args, inductor)
+    assert fired(result) == (0 if case == "other_positions" else 1), result.report
+    for got, want in zip(result.output, eager):
+        assert got.stride() == want.stride()
+        torch.testing.assert_close(got, want)
