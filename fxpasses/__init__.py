@@ -5,6 +5,7 @@ Adding a pass: a new file here with a ``GraphPass`` subclass, plus its line belo
 from .dedupe import Dedupe
 from .fold_invariant import FoldInvariant
 from .qk_norm_rope import QKNormRope
+from .inline_triton import InlineTriton
 from .hoist_item import HoistItem
 from .split_contiguous import SplitContiguous
 from .ulysses_prefix import UlyssesPrefix
@@ -20,6 +21,7 @@ PIPELINE = [
     Dedupe,
     FoldInvariant,
     QKNormRope,
+    InlineTriton,
     HoistItem,
     PaddedBuffer,
     FoldGathers,

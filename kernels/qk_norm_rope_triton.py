@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .reference import check_qk_norm_rope_args, output_like
 
-__all__ = ["qk_norm_rope_triton", "choose_config"]
+__all__ = ["qk_norm_rope_triton", "qk_norm_rope_traceable", "choose_config"]
 
 
 @triton.jit
@@ -253,6 +253,27 @@ def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weig
     were defined. ``config`` overrides ``choose_config`` (keys block_hq, block_hk, num_warps, and
     hints: L2 eviction hints, evict_first on streamed q/k loads, evict_last on weights).
     """
+    return _launch(_qk_norm_rope_kernel, q, k, q_weight, k_weight, cos, sin, positions, norm_over=norm_over,
+                   rope_style=rope_style, rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps, out_dtype=out_dtype,
+                   config=config)
+
+
+def qk_norm_rope_traceable(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
+                           cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None, *, norm_over: str,
+                           rope_style: str, rope_dim: int, q_eps: float, k_eps: float,
+                           out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """The same launch through ``torch.library.wrap_triton``: traced (make_fx), it becomes Inductor's
+    user-defined Triton kernel node writing into output buffers the graph allocates
+    (``fxpasses/inline_triton.py``); called eagerly, it launches the kernel."""
+    from torch.library import wrap_triton
+
+    return _launch(wrap_triton(_qk_norm_rope_kernel), q, k, q_weight, k_weight, cos, sin, positions,
+                   norm_over=norm_over, rope_style=rope_style, rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps,
+                   out_dtype=out_dtype)
+
+
+def _launch(kernel, q, k, q_weight, k_weight, cos, sin, positions, *, norm_over, rope_style, rope_dim, q_eps, k_eps,
+            out_dtype=None, config=None):
     info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim,
                                    out_dtype)
     B, S, Hq, Hk, D, rd, L = info.B, info.S, info.Hq, info.Hk, info.D, info.rope_dim, info.table_len
@@ -266,22 +287,23 @@ def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weig
     nqb = 1 if hidden else triton.cdiv(Hq, bhq)
     nb = 2 if hidden else nqb + triton.cdiv(Hk, bhk)
 
+    # Absent weights and positions are never read: any read-only tensor stands in for their pointers.
     if positions is not None:
         pos = positions.reshape(-1, S).expand(B, S)
         s_pb, s_ps = pos.stride()
         cs = (0, cos.stride(0), cos.stride(1))
         ss = (0, sin.stride(0), sin.stride(1))
     else:
-        pos, s_pb, s_ps = cos, 0, 0  # pos_ptr unused
+        pos, s_pb, s_ps = cos, 0, 0
         ce, se = cos.expand(B, S, 1, L), sin.expand(B, S, 1, L)
         cs = (ce.stride(0), ce.stride(1), ce.stride(3))
         ss = (se.stride(0), se.stride(1), se.stride(3))
-    qw = q_weight.contiguous() if q_weight is not None else qo
-    kw = k_weight.contiguous() if k_weight is not None else ko
+    qw = q_weight.contiguous() if q_weight is not None else cos
+    kw = k_weight.contiguous() if k_weight is not None else cos
     half = rd // 2
     ev = ("evict_first", "evict_last", "evict_last") if cfg.get("hints") else ("", "", "")
     grid = (B * S * nb,)
-    _qk_norm_rope_kernel[grid](
+    kernel[grid](
         q, k, qo, ko, qw, kw, cos, sin, pos,
         S, *q.stride(), *k.stride(), *qo.stride()[:3], *ko.stride()[:3], *cs, *ss, s_pb, s_ps,
         float(q_eps), float(k_eps),

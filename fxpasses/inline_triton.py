@@ -1,0 +1,135 @@
+"""diffopt's Triton-backed ops -> their Triton launch, in the graph Inductor compiles.
+
+Stock form (as earlier passes leave it): a call of a diffopt op whose CUDA kernel
+is ours in Triton, e.g. ``torch.ops.diffopt.qk_norm_rope(q, k, ...)``. Inductor
+sees an opaque call: the op allocates its outputs itself, so Inductor can neither
+plan nor reuse those buffers, and every call pays the dispatcher's host time.
+
+Optimized form: the op's own launch traced through ``torch.library.wrap_triton``
+(``kernels.qk_norm_rope_triton.qk_norm_rope_traceable``): ``empty_strided``
+output buffers plus Inductor's user-defined Triton kernel node
+(``triton_kernel_wrapper_functional``). Inductor then allocates, reuses and frees
+those buffers like its own and launches the kernel from its generated code. The
+kernel, its arguments and its outputs' sizes, strides and dtypes are the op's, so
+the graph computes exactly what it did.
+
+Preconditions (else the op call stays, with the reason in the report):
+
+- the call runs on CUDA and Triton is installed (the op's CUDA implementation is
+  then this kernel);
+- every size and stride of its inputs is known at compile time (the launch grid
+  and the kernel's integer arguments are computed from them).
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value
+
+
+def _traceable_launches() -> dict[Any, Callable[..., Any]]:
+    try:
+        from diffopt.kernels.qk_norm_rope_triton import qk_norm_rope_traceable
+    except Exception:  # no Triton: every op keeps its own dispatch
+        return {}
+    return {torch.ops.diffopt.qk_norm_rope.default: qk_norm_rope_traceable}
+
+
+class InlineTriton(GraphPass):
+    name = "inline_triton"
+    stage = Stage.POST_GRAD
+
+    def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
+        launches = _traceable_launches()
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in launches:
+                continue
+            reason = _not_inlinable(node)
+            if reason:
+                log.decline(node, reason)
+                continue
+            _inline(graph, node, launches[node.target])
+            log.add(node, replaced=f"opaque call of {node.target.name()}", by="its Triton kernel, buffers planned by Inductor")
+
+
+def _tensor_args(node: fx.Node) -> list[torch.Tensor]:
+    return [fake_value(a) for a in node.all_input_nodes if isinstance(fake_value(a), torch.Tensor)]
+
+
+def _not_inlinable(node: fx.Node) -> str | None:
+    tensors = _tensor_args(node)
+    if not tensors or any(t.device.type != "cuda" for t in tensors):
+        return "inputs are not on CUDA"
+    outputs = fake_value(node)
+    for t in [*tensors, *outputs]:
+        if not all(is_concrete_int(v) for v in (*t.shape, *t.stride(), t.storage_offset())):
+            return "symbolic sizes or strides (the launch is computed from them)"
+    return None
+
+
+def _inline(graph: fx.Graph, node: fx.Node, launch: Callable[..., Any]) -> None:
+    """Replace ``node`` by the graph of ``launch`` traced on the node's fake inputs."""
+    arg_nodes = [a for a in node.args if isinstance(a, fx.Node)]
+    traced = _trace(launch, node, arg_nodes)
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    with graph.inserting_before(node):
+        outputs = graph.graph_copy(traced.graph, dict(zip(placeholders, arg_nodes)))
+    for new in outputs:
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in node.meta:
+                new.meta.setdefault(key, node.meta[key])
+    for user in list(node.users):  # getitem(node, i)
+        user.replace_all_uses_with(outputs[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(node)
+
+
+def _trace(launch: Callable[..., Any], node: fx.Node, arg_nodes: list[fx.Node]) -> fx.GraphModule:
+    """``launch`` traced with make_fx (decomposed as Inductor's post-grad graphs are), its kernel launch made
+    functional: the kernel writes only into the outputs it allocates, so those are the tensors to clone
+    (which Inductor's reinplacing then drops: nothing else reads the fresh buffers)."""
+    from torch._higher_order_ops.triton_kernel_wrap import (
+        triton_kernel_wrapper_functional,
+        triton_kernel_wrapper_mutation,
+    )
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layout = [isinstance(a, fx.Node) for a in node.args]
+    constants = [a for a in node.args if not isinstance(a, fx.Node)]
+
+    def call(*tensors):
+        it, consts = iter(tensors), iter(constants)
+        return launch(*[next(it) if is_node else next(consts) for is_node in layout], **node.kwargs)
+
+    fakes = [fake_value(a) for a in arg_nodes]
+    with detect_fake_mode(fakes) or contextlib.nullcontext():
+        traced = make_fx(call, select_decomp_table())(*fakes)
+    graph = traced.graph
+    (launch_node,) = [n for n in graph.nodes if n.target is triton_kernel_wrapper_mutation]
+    output = next(n for n in graph.nodes if n.op == "output")
+    results = list(output.args[0])
+    params = launch_node.kwargs["kwargs"]
+    names = {result: next(name for name, value in params.items() if value is result) for result in results}
+    with graph.inserting_after(launch_node):
+        functional = graph.call_function(
+            triton_kernel_wrapper_functional, (), {**launch_node.kwargs, "tensors_to_clone": list(names.values())}
+        )
+        functional.meta["val"] = {name: fake_value(result) for result, name in names.items()}
+        with graph.inserting_after(functional):
+            for result, name in names.items():
+                value = graph.call_function(operator.getitem, (functional, name))
+                value.meta["val"] = fake_value(result)
+                output.replace_input_with(result, value)
+    graph.erase_node(launch_node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    return traced
