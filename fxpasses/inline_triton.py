@@ -23,6 +23,7 @@ Preconditions (else the op call stays, with the reason in the report):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -35,12 +36,22 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value
 
 
-def _traceable_launches() -> dict[Any, Callable[..., Any]]:
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """An op's traceable Triton launch: which op arguments its outputs correspond to (and may overwrite
+    in place), and the kernel parameters that are those outputs."""
+
+    trace: Callable[..., Any]
+    inputs_of_outputs: tuple[int, ...]  # op argument index of the input each output has the shape of
+    output_params: tuple[str, ...]
+
+
+def _traceable_launches() -> dict[Any, _Launch]:
     try:
-        from diffopt.kernels.qk_norm_rope_triton import qk_norm_rope_traceable
+        from diffopt.kernels.qk_norm_rope_triton import OUTPUT_PARAMS, qk_norm_rope_traceable
     except Exception:  # no Triton: every op keeps its own dispatch
         return {}
-    return {torch.ops.diffopt.qk_norm_rope.default: qk_norm_rope_traceable}
+    return {torch.ops.diffopt.qk_norm_rope.default: _Launch(qk_norm_rope_traceable, (0, 1), OUTPUT_PARAMS)}
 
 
 class InlineTriton(GraphPass):
@@ -75,10 +86,11 @@ def _not_inlinable(node: fx.Node) -> str | None:
     return None
 
 
-def _inline(graph: fx.Graph, node: fx.Node, launch: Callable[..., Any]) -> None:
+def _inline(graph: fx.Graph, node: fx.Node, launch: _Launch) -> None:
     """Replace ``node`` by the graph of ``launch`` traced on the node's fake inputs."""
     arg_nodes = [a for a in node.args if isinstance(a, fx.Node)]
-    traced = _trace(launch, node, arg_nodes)
+    in_place = tuple(_owned_like(node.args[i], out) for i, out in zip(launch.inputs_of_outputs, fake_value(node)))
+    traced = _trace(launch, node, arg_nodes, in_place)
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     with graph.inserting_before(node):
         outputs = graph.graph_copy(traced.graph, dict(zip(placeholders, arg_nodes)))
@@ -92,10 +104,38 @@ def _inline(graph: fx.Graph, node: fx.Node, launch: Callable[..., Any]) -> None:
     graph.erase_node(node)
 
 
-def _trace(launch: Callable[..., Any], node: fx.Node, arg_nodes: list[fx.Node]) -> fx.GraphModule:
-    """``launch`` traced with make_fx (decomposed as Inductor's post-grad graphs are), its kernel launch made
-    functional: the kernel writes only into the outputs it allocates, so those are the tensors to clone
-    (which Inductor's reinplacing then drops: nothing else reads the fresh buffers)."""
+def _owned_like(arg: Any, out: torch.Tensor) -> bool:
+    """Whether the output may overwrite ``arg``: an intermediate buffer (not a graph input, parameter or
+    view of one) that only this call reads, with the output's sizes, strides and dtype. Inductor's
+    reinplacing makes the final call (a copy would be kept if it found another reader)."""
+    node = arg
+    while isinstance(node, fx.Node):
+        if node.op != "call_function" or len(node.users) != 1:
+            return False
+        if node.target not in _VIEWS:
+            break
+        node = node.args[0]
+    value = fake_value(arg)
+    return (
+        isinstance(node, fx.Node)
+        and value.dtype == out.dtype
+        and tuple(value.shape) == tuple(out.shape)
+        and tuple(value.stride()) == tuple(out.stride())
+        and value.storage_offset() == 0
+    )
+
+
+def _like(value: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _trace(launch: _Launch, node: fx.Node, arg_nodes: list[fx.Node], in_place: tuple[bool, ...]) -> fx.GraphModule:
+    """The launch traced with make_fx (decomposed as Inductor's post-grad graphs are), its kernel call made
+    functional: the kernel writes only its outputs, so those are the tensors to clone, and Inductor's
+    reinplacing drops each clone whose buffer nothing else reads (a fresh buffer, or an input owned here)."""
     from torch._higher_order_ops.triton_kernel_wrap import (
         triton_kernel_wrapper_functional,
         triton_kernel_wrapper_mutation,
@@ -108,27 +148,29 @@ def _trace(launch: Callable[..., Any], node: fx.Node, arg_nodes: list[fx.Node]) 
 
     def call(*tensors):
         it, consts = iter(tensors), iter(constants)
-        return launch(*[next(it) if is_node else next(consts) for is_node in layout], **node.kwargs)
+        args = [next(it) if is_node else next(consts) for is_node in layout]
+        return launch.trace(*args, **node.kwargs, in_place=in_place)
 
     fakes = [fake_value(a) for a in arg_nodes]
     with detect_fake_mode(fakes) or contextlib.nullcontext():
         traced = make_fx(call, select_decomp_table())(*fakes)
-    graph = traced.graph
-    (launch_node,) = [n for n in graph.nodes if n.target is triton_kernel_wrapper_mutation]
+        graph = traced.graph
+        (launch_node,) = [n for n in graph.nodes if n.target is triton_kernel_wrapper_mutation]
+        params = launch_node.kwargs["kwargs"]
+        # the functional node's results are new tensors with the clobbered buffers' metadata
+        values = {name: _like(fake_value(params[name])) for name in launch.output_params}
     output = next(n for n in graph.nodes if n.op == "output")
-    results = list(output.args[0])
-    params = launch_node.kwargs["kwargs"]
-    names = {result: next(name for name, value in params.items() if value is result) for result in results}
     with graph.inserting_after(launch_node):
         functional = graph.call_function(
-            triton_kernel_wrapper_functional, (), {**launch_node.kwargs, "tensors_to_clone": list(names.values())}
+            triton_kernel_wrapper_functional, (), {**launch_node.kwargs, "tensors_to_clone": list(launch.output_params)}
         )
-        functional.meta["val"] = {name: fake_value(result) for result, name in names.items()}
+        functional.meta["val"] = values
         with graph.inserting_after(functional):
-            for result, name in names.items():
-                value = graph.call_function(operator.getitem, (functional, name))
-                value.meta["val"] = fake_value(result)
-                output.replace_input_with(result, value)
+            results = []
+            for name in launch.output_params:
+                results.append(graph.call_function(operator.getitem, (functional, name)))
+                results[-1].meta["val"] = values[name]
+    output.args = (tuple(results),)
     graph.erase_node(launch_node)
     graph.eliminate_dead_code()
     graph.lint()

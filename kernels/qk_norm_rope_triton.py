@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .reference import check_qk_norm_rope_args, output_like
 
-__all__ = ["qk_norm_rope_triton", "qk_norm_rope_traceable", "choose_config"]
+__all__ = ["OUTPUT_PARAMS", "qk_norm_rope_triton", "qk_norm_rope_traceable", "choose_config"]
 
 
 @triton.jit
@@ -258,26 +258,36 @@ def qk_norm_rope_triton(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weig
                    config=config)
 
 
+# The launch's output pointers, by kernel parameter name (what ``inline_triton`` makes functional).
+OUTPUT_PARAMS = ("qo_ptr", "ko_ptr")
+
+
 def qk_norm_rope_traceable(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor],
                            cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None, *, norm_over: str,
                            rope_style: str, rope_dim: int, q_eps: float, k_eps: float,
-                           out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+                           out_dtype: Optional[torch.dtype] = None, in_place: tuple[bool, bool] = (False, False),
+                           ) -> tuple[Tensor, Tensor]:
     """The same launch through ``torch.library.wrap_triton``: traced (make_fx), it becomes Inductor's
     user-defined Triton kernel node writing into output buffers the graph allocates
-    (``fxpasses/inline_triton.py``); called eagerly, it launches the kernel."""
+    (``fxpasses/inline_triton.py``); called eagerly, it launches the kernel.
+
+    ``in_place``: write q's (k's) result over q (k) itself. Safe for this kernel: each program reads the
+    rows it writes before writing them, and no program reads another's rows. The caller must own the
+    input (nothing reads it afterwards) and it must already have the output's layout and dtype."""
     from torch.library import wrap_triton
 
     return _launch(wrap_triton(_qk_norm_rope_kernel), q, k, q_weight, k_weight, cos, sin, positions,
                    norm_over=norm_over, rope_style=rope_style, rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps,
-                   out_dtype=out_dtype)
+                   out_dtype=out_dtype, in_place=in_place)
 
 
 def _launch(kernel, q, k, q_weight, k_weight, cos, sin, positions, *, norm_over, rope_style, rope_dim, q_eps, k_eps,
-            out_dtype=None, config=None):
+            out_dtype=None, config=None, in_place=(False, False)):
     info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim,
                                    out_dtype)
     B, S, Hq, Hk, D, rd, L = info.B, info.S, info.Hq, info.Hk, info.D, info.rope_dim, info.table_len
-    qo, ko = output_like(q, out_dtype), output_like(k, out_dtype)
+    qo = q if in_place[0] else output_like(q, out_dtype)
+    ko = k if in_place[1] else output_like(k, out_dtype)
     if B * S == 0 or Hq * Hk == 0:
         return qo, ko
     hidden = norm_over == "hidden"
