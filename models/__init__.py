@@ -3,7 +3,7 @@
 The diffusers builders live in ``diffopt.models.diffusers_models`` (diffusers is optional).
 """
 
-from .configs import CONFIG_NAMES, Cosmos3Config, WanConfig, get_config
+from .configs import CONFIG_NAMES, Cosmos3Config, FluxConfig, WanConfig, get_config
 from .cosmos3 import Cosmos3GenLayer, Cosmos3GenStack, build_prefix_kv, cosmos3_example_inputs, rotate_half
 from .loop import DenoiseStep, denoise, loop_example_inputs, make_timesteps, sinusoidal_timestep_table
 from .rope import increasing_positions, qwen3_rope_tables, wan_axis_dims, wan_rope_tables
@@ -24,6 +24,7 @@ __all__ = [
     "Cosmos3GenStack",
     "DenoiseStep",
     "FP32LayerNorm",
+    "FluxConfig",
     "WanAttention",
     "WanBlock",
     "WanConfig",

@@ -90,6 +90,36 @@ class Cosmos3Config:
             raise ValueError(f"{self.name}: rope_axes_dim {self.rope_axes_dim} must sum to head_dim // 2")
 
 
+@dataclass(frozen=True)
+class FluxConfig:
+    """A Flux.1 text-to-image transformer (diffusers' ``FluxTransformer2DModel``): ``num_layers``
+    double-stream (MMDiT) blocks, then ``num_single_layers`` single-stream blocks."""
+
+    name: str
+    num_heads: int
+    head_dim: int
+    num_layers: int
+    num_single_layers: int
+    # 2x2-packed VAE latent channels (16 x 4).
+    in_channels: int = 64
+    text_len: int = 512
+    text_dim: int = 4096
+    pooled_dim: int = 768
+    guidance_embeds: bool = True
+    rope_axes_dim: tuple[int, int, int] = (16, 56, 56)
+    # Image token grid: a 1024x1024 image, 8x VAE, 2x2 packing -> 64 x 64 tokens.
+    grid_height: int = 64
+    grid_width: int = 64
+
+    def __post_init__(self):
+        if sum(self.rope_axes_dim) != self.head_dim:
+            raise ValueError(f"{self.name}: rope_axes_dim {self.rope_axes_dim} must sum to head_dim")
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_height * self.grid_width
+
+
 _CONFIGS = {
     config.name: config
     for config in (
@@ -148,13 +178,28 @@ _CONFIGS = {
             intermediate_size=12288,
             num_layers=36,
         ),
+        FluxConfig(
+            name="flux-tiny",
+            num_heads=2,
+            head_dim=16,
+            num_layers=1,
+            num_single_layers=1,
+            in_channels=8,
+            text_len=8,
+            text_dim=32,
+            pooled_dim=16,
+            rope_axes_dim=(4, 6, 6),
+            grid_height=4,
+            grid_width=6,
+        ),
+        FluxConfig(name="flux-dev", num_heads=24, head_dim=128, num_layers=19, num_single_layers=38),
     )
 }
 
 CONFIG_NAMES = tuple(_CONFIGS)
 
 
-def get_config(name: str, num_layers: int | None = None) -> WanConfig | Cosmos3Config:
+def get_config(name: str, num_layers: int | None = None) -> WanConfig | Cosmos3Config | FluxConfig:
     """The named config, with ``num_layers`` overridden when given (benchmarks build a few layers)."""
     try:
         config = _CONFIGS[name]

@@ -1,9 +1,10 @@
 """The stock diffusers models at our configs, with random weights, and weight transfers to ours.
 
 diffusers is optional: it is imported inside each function, which raises ImportError with
-an install hint when it is missing. Builders are deterministic in ``seed`` and leave the
-global RNG untouched. Norm weights are perturbed away from their ones/zeros init so that
-comparisons against our models exercise them.
+an install hint when it is missing. Builders are deterministic in ``seed`` (for a given
+``device``) and leave the global RNG untouched. Norm weights are perturbed away from their
+ones/zeros init so that comparisons against our models exercise them. Whole-model builders
+take a ``device`` to initialise on: a 12B-parameter model initialises in seconds on a GPU.
 """
 
 import importlib
@@ -11,7 +12,7 @@ import importlib
 import torch
 import torch.nn as nn
 
-from .configs import Cosmos3Config, WanConfig
+from .configs import Cosmos3Config, FluxConfig, WanConfig
 from .cosmos3 import Cosmos3GenLayer, rotate_half
 from .rope import increasing_positions, qwen3_rope_tables
 from .wan import WanBlock
@@ -34,22 +35,41 @@ def _perturb_norm_weights(model: nn.Module, generator: torch.Generator) -> None:
         for module in model.modules():
             if "Norm" in type(module).__name__:
                 for param in module.parameters(recurse=False):
-                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
+                    noise = torch.randn(param.shape, generator=generator, device=generator.device)
+                    param.add_(0.1 * noise.to(param.device))
 
 
-def _build(constructor, seed: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
+def _build(constructor, seed: int, device: torch.device | str | None = None) -> nn.Module:
+    device = torch.device(device or "cpu")
+    rng_devices = [device] if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=rng_devices, device_type=device.type), device:
         torch.manual_seed(seed)
         model = constructor()
-    _perturb_norm_weights(model, torch.Generator().manual_seed(seed + 1))
-    return model.eval()
+    _perturb_norm_weights(model, torch.Generator(device).manual_seed(seed + 1))
+    return model.to(device).eval()
+
+
+def cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` in ``dtype`` the way ``from_pretrained(..., torch_dtype=dtype)`` loads it: the
+    floating-point entries of the state dict become ``dtype``, except those under the class's
+    ``_keep_in_fp32_modules`` (Wan's RoPE, time embedder, modulation tables and norms, for
+    example), and non-persistent buffers keep the dtype they were built in. ``model.to(dtype)``
+    would cast everything, which diffusers warns against. In place; returns ``model``."""
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if tensor.is_floating_point() and not any(part in name.split(".") for part in keep_fp32):
+                tensor.data = tensor.data.to(dtype)
+    return model
 
 
 # ---------------------------------------------------------------------------- Wan
 
 
-def build_diffusers_wan(config: WanConfig, num_layers: int | None = None, seed: int = 0) -> nn.Module:
-    """``diffusers.WanTransformer3DModel`` (text-to-video) at ``config``, fp32 on the CPU."""
+def build_diffusers_wan(
+    config: WanConfig, num_layers: int | None = None, seed: int = 0, device: torch.device | str | None = None
+) -> nn.Module:
+    """``diffusers.WanTransformer3DModel`` (text-to-video) at ``config``, fp32 on ``device`` (default CPU)."""
     wan = _import_transformers_module("transformer_wan")
     return _build(
         lambda: wan.WanTransformer3DModel(
@@ -67,6 +87,7 @@ def build_diffusers_wan(config: WanConfig, num_layers: int | None = None, seed: 
             eps=config.eps,
         ),
         seed,
+        device,
     )
 
 
@@ -217,8 +238,10 @@ def cosmos3_prefix_kv_from_diffusers(
     return k.unsqueeze(0), v.unsqueeze(0)
 
 
-def build_diffusers_cosmos3(config: Cosmos3Config, num_layers: int | None = None, seed: int = 0) -> nn.Module:
-    """``diffusers.Cosmos3OmniTransformer`` (video generation only) at ``config``, fp32 on the CPU."""
+def build_diffusers_cosmos3(
+    config: Cosmos3Config, num_layers: int | None = None, seed: int = 0, device: torch.device | str | None = None
+) -> nn.Module:
+    """``diffusers.Cosmos3OmniTransformer`` (video generation only) at ``config``, fp32 on ``device`` (default CPU)."""
     cosmos3 = _import_transformers_module("transformer_cosmos3")
     patch = config.latent_patch_size
     return _build(
@@ -238,6 +261,7 @@ def build_diffusers_cosmos3(config: Cosmos3Config, num_layers: int | None = None
             rope_axes_dim=list(config.rope_axes_dim),
         ),
         seed,
+        device,
     )
 
 
@@ -281,3 +305,58 @@ def diffusers_cosmos3_inputs(
         "vision_timesteps": timestep.expand(num_vision).to(device=device, dtype=dtype),
         "vision_noisy_frame_indexes": [torch.arange(frames, device=device)],
     }
+
+
+# ---------------------------------------------------------------------------- Flux
+
+
+def build_diffusers_flux(config: FluxConfig, seed: int = 0, device: torch.device | str | None = None) -> nn.Module:
+    """``diffusers.FluxTransformer2DModel`` at ``config``, fp32 on ``device`` (default CPU)."""
+    flux = _import_transformers_module("transformer_flux")
+    return _build(
+        lambda: flux.FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=config.in_channels,
+            num_layers=config.num_layers,
+            num_single_layers=config.num_single_layers,
+            attention_head_dim=config.head_dim,
+            num_attention_heads=config.num_heads,
+            joint_attention_dim=config.text_dim,
+            pooled_projection_dim=config.pooled_dim,
+            guidance_embeds=config.guidance_embeds,
+            axes_dims_rope=config.rope_axes_dim,
+        ),
+        seed,
+        device,
+    )
+
+
+def diffusers_flux_inputs(
+    config: FluxConfig,
+    batch_size: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Keyword inputs of ``FluxTransformer2DModel.forward`` as diffusers' ``FluxPipeline``
+    makes them: packed latents ``hidden_states`` ``[B, tokens, in_channels]``, the prompt
+    embedding ``[B, text_len, text_dim]`` and its pooled form, ``timestep`` in (0, 1),
+    ``guidance`` (float32) when the model embeds it, and the RoPE ids ``img_ids``
+    ``[tokens, 3]`` (0, row, column) and ``txt_ids`` (zeros)."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = config.grid_height, config.grid_width
+    img_ids = torch.zeros(height, width, 3)
+    img_ids[..., 1] = torch.arange(height)[:, None]
+    img_ids[..., 2] = torch.arange(width)[None, :]
+    inputs = {
+        "hidden_states": torch.randn(batch_size, height * width, config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(batch_size, config.text_len, config.text_dim, generator=generator),
+        "pooled_projections": torch.randn(batch_size, config.pooled_dim, generator=generator),
+        "timestep": torch.rand(1, generator=generator).expand(batch_size),
+        "img_ids": img_ids.reshape(height * width, 3),
+        "txt_ids": torch.zeros(config.text_len, 3),
+    }
+    inputs = {key: value.to(device=device, dtype=dtype) for key, value in inputs.items()}
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.full((batch_size,), 3.5, device=device)
+    return inputs

@@ -12,6 +12,7 @@ from diffopt.models import (
     Cosmos3GenLayer,
     Cosmos3GenStack,
     DenoiseStep,
+    FluxConfig,
     WanBlock,
     WanConfig,
     WanStack,
@@ -78,7 +79,9 @@ def test_tiny_configs_keep_the_architectural_features():
 
 
 def test_get_config_overrides_layers_and_rejects_unknown_names():
-    assert set(CONFIG_NAMES) == {"wan-tiny", "wan-1.3b", "wan-14b", "cosmos3-tiny", "cosmos3-sp-tiny", "cosmos3"}
+    assert set(CONFIG_NAMES) == {
+        "wan-tiny", "wan-1.3b", "wan-14b", "cosmos3-tiny", "cosmos3-sp-tiny", "cosmos3", "flux-tiny", "flux-dev"
+    }
     three = get_config("wan-14b", num_layers=3)
     assert three.num_layers == 3 and three.dim == 5120
     assert get_config("wan-14b").num_layers == 40  # the registry entry is untouched
@@ -89,6 +92,15 @@ def test_get_config_overrides_layers_and_rejects_unknown_names():
     with pytest.raises(ValueError):
         Cosmos3Config(name="bad", hidden_size=64, num_heads=4, num_kv_heads=3, head_dim=16,
                       intermediate_size=8, num_layers=1, rope_axes_dim=(4, 2, 2))
+    with pytest.raises(ValueError):
+        FluxConfig(name="bad", num_heads=2, head_dim=16, num_layers=1, num_single_layers=1, rope_axes_dim=(4, 4, 4))
+
+
+def test_flux_dev_config_has_the_published_dims():
+    flux = get_config("flux-dev")
+    assert (flux.num_heads, flux.head_dim, flux.num_layers, flux.num_single_layers) == (24, 128, 19, 38)
+    assert (flux.in_channels, flux.text_dim, flux.pooled_dim, flux.rope_axes_dim) == (64, 4096, 768, (16, 56, 56))
+    assert flux.guidance_embeds and flux.seq_len == 4096 and flux.text_len == 512
 
 
 # ---------------------------------------------------------------------------- RoPE
@@ -398,6 +410,45 @@ def test_diffusers_cosmos3_model_runs(diffusers_models):
         (sample,) = model(**inputs).sample
     assert sample.shape == (1, COSMOS3_TINY.latent_channel, 2, 4, 6)
     assert torch.isfinite(sample).all() and sample.abs().max() > 0
+
+
+def test_diffusers_flux_model_runs(diffusers_models):
+    config = get_config("flux-tiny")
+    model = diffusers_models.build_diffusers_flux(config)
+    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (1, 1)
+    inputs = diffusers_models.diffusers_flux_inputs(config, batch_size=2)
+    assert inputs["hidden_states"].shape == (2, config.seq_len, config.in_channels)
+    # RoPE ids: (0, row, column) per image token, row-major over the token grid
+    assert inputs["img_ids"][config.grid_width + 2].tolist() == [0, 1, 2]
+    with torch.no_grad():
+        (out,) = model(**inputs, return_dict=False)
+    assert out.shape == inputs["hidden_states"].shape
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+
+
+def test_cast_like_from_pretrained_keeps_the_float32_modules(diffusers_models):
+    model = diffusers_models.build_diffusers_wan(WAN_TINY)
+    diffusers_models.cast_like_from_pretrained(model, torch.bfloat16)
+    kept = set(model._keep_in_fp32_modules)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            want = torch.float32 if kept & set(name.split(".")) else torch.bfloat16
+            assert tensor.dtype == want, name
+    assert model.blocks[0].scale_shift_table.dtype == torch.float32
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    inputs = diffusers_models.diffusers_wan_inputs(WAN_TINY, dtype=torch.bfloat16)
+    with torch.no_grad():
+        (out,) = model(**inputs, return_dict=False)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+def test_diffusers_builders_on_cuda_are_deterministic_and_leave_the_rng_alone(diffusers_models):
+    rng_state = torch.cuda.get_rng_state()
+    first = diffusers_models.build_diffusers_wan(WAN_TINY, device="cuda").state_dict()
+    assert torch.equal(torch.cuda.get_rng_state(), rng_state)
+    again = diffusers_models.build_diffusers_wan(WAN_TINY, device="cuda").state_dict()
+    assert all(tensor.is_cuda and torch.equal(tensor, again[key]) for key, tensor in first.items())
 
 
 def test_diffusers_builders_are_deterministic_in_the_seed(diffusers_models):

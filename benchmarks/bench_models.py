@@ -1,0 +1,576 @@
+"""Whole stock diffusers models: eager vs Inductor vs diffopt, each configuration cold, in its own process.
+
+    python benchmarks/bench_models.py [--workloads a,b] [--backends eager,inductor,diffopt]
+        [--cudagraphs] [--max-autotune] [--regional] [--configs LIST] [--repeats N]
+        [--iters N] [--warmup N] [--timeout S] [--wan14b-blocks N] [--tiny] [--out DIR]
+    python benchmarks/bench_models.py --plot DIR/bench_models.json   # the chart of an earlier run
+
+Workloads: random weights, bf16 on CUDA (cast as ``from_pretrained(torch_dtype=...)`` casts,
+float32 modules kept), ``torch.inference_mode()``; see :func:`workloads`. ``--tiny`` swaps
+each for a tiny config that runs on the CPU in float32 in seconds (CI, tests).
+
+Configurations: ``eager`` once per workload, then each compiled backend with every
+combination of the options asked for: ``--cudagraphs`` adds ``mode="reduce-overhead"``,
+``--max-autotune`` adds ``mode="max-autotune-no-cudagraphs"`` (sglang's diffusion default;
+with both flags also ``"max-autotune"``), ``--regional`` adds diffusers'
+``model.compile_repeated_blocks(...)`` next to whole-model ``torch.compile``. ``--configs``
+instead lists configurations by name: ``backend[/regional][/mode]``, for example
+``eager,inductor/regional,diffopt/regional/reduce-overhead``.
+
+Each configuration runs in a child process of its own with new, empty
+``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR`` folders, so its first call is a cold
+compile. The parent runs the whole set ``--repeats`` times in the same order (ABCABC),
+so that drift and noise show across repeats. A configuration that fails (compile error, OOM,
+CUDA graphs, timeout) is recorded with its error and the run goes on.
+
+Per configuration, over all measured iterations of all repeats: median and min ms per
+forward (each call timed alone: CUDA events, the host waiting between calls); the spread of
+the per-repeat medians; steady-state peak memory above the inputs (max allocated over the
+measured calls minus what was allocated once weights and inputs were in place), and the same
+over the first call and warm-up (compile, autotuning, CUDA-graph recording); the cold first
+call in seconds (compile included); the error against eager's output (max abs error over
+max abs of eager, and relative L2); diffopt's rewrites per pass (counted per compiled
+graph: a regional compile counts one block). Writes ``bench_models.json`` (rewritten after
+every child), ``bench_models.png`` (needs matplotlib) and one log per child in ``DIR/logs``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+BACKENDS = ("eager", "inductor", "diffopt")
+MODES = ("reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+# ---------------------------------------------------------------------------- workloads
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A stock model and its inputs. ``build(tiny, device, dtype)`` returns the model (float32,
+    on ``device``) and its keyword inputs (``dtype``)."""
+
+    name: str
+    description: str
+    build: Callable
+
+
+def _wan(size: str, *, num_layers: int | None = None, latent_frames: int | None = None, batch_size: int = 1):
+    def build(tiny, device, dtype):
+        from diffopt.models import get_config
+        from diffopt.models.diffusers_models import build_diffusers_wan, diffusers_wan_inputs
+
+        config = get_config("wan-tiny") if tiny else get_config(size, num_layers=num_layers)
+        if latent_frames is not None:
+            config = dataclasses.replace(config, latent_frames=latent_frames)
+        model = build_diffusers_wan(config, device=device)
+        inputs = diffusers_wan_inputs(config, batch_size=batch_size, dtype=dtype, device=device)
+        return model, {**inputs, "return_dict": False}
+
+    return build
+
+
+# Cosmos3's generation tokens: a latent of 31 x 46 x 80, patchified 2 x 2 to 31 x 23 x 40 = 28520.
+COSMOS3_LATENT = {False: (31, 46, 80), True: (2, 4, 12)}
+
+
+def _cosmos3(num_layers: int):
+    def build(tiny, device, dtype):
+        from diffopt.models import get_config
+        from diffopt.models.diffusers_models import build_diffusers_cosmos3, diffusers_cosmos3_inputs
+
+        config = get_config("cosmos3-tiny" if tiny else "cosmos3")
+        frames, height, width = COSMOS3_LATENT[tiny]
+        patch = config.latent_patch_size
+        assert frames * (height // patch) * (width // patch) == config.gen_seq_len
+        model = build_diffusers_cosmos3(config, num_layers=None if tiny else num_layers, device=device)
+        inputs = diffusers_cosmos3_inputs(config, latent_shape=COSMOS3_LATENT[tiny], dtype=dtype, device=device)
+        return model, {**inputs, "return_dict": False}
+
+    return build
+
+
+def _flux(tiny, device, dtype):
+    from diffopt.models import get_config
+    from diffopt.models.diffusers_models import build_diffusers_flux, diffusers_flux_inputs
+
+    config = get_config("flux-tiny" if tiny else "flux-dev")
+    model = build_diffusers_flux(config, device=device)
+    return model, {**diffusers_flux_inputs(config, dtype=dtype, device=device), "return_dict": False}
+
+
+def workloads(wan14b_blocks: int = 8) -> dict[str, Workload]:
+    """The named workloads (the 14B one is named after its block count)."""
+    table = [
+        Workload("wan1.3b_480p", "Wan 2.1 1.3B, 480x832 x 81 frames (S=32760), 512 text tokens", _wan("wan-1.3b")),
+        Workload("wan1.3b_1frame", "Wan 2.1 1.3B, 480x832 x 1 frame (S=1560)", _wan("wan-1.3b", latent_frames=1)),
+        Workload(
+            f"wan14b_{wan14b_blocks}blocks",
+            f"Wan 2.1 14B dims, {wan14b_blocks} of 40 blocks, 480p x 81 frames (S=32760)",
+            _wan("wan-14b", num_layers=wan14b_blocks),
+        ),
+        Workload("cosmos3", "Cosmos3OmniTransformer, 4 layers, S_gen=28520, 512 text tokens", _cosmos3(4)),
+        Workload("flux_1024", "Flux.1-dev dims (19 + 38 blocks), 1024x1024 (4096 image + 512 text tokens)", _flux),
+        Workload("wan1.3b_480p_cfg2", "Wan 2.1 1.3B, 480p x 81 frames, batch 2 (CFG)", _wan("wan-1.3b", batch_size=2)),
+    ]
+    return {workload.name: workload for workload in table}
+
+
+# ---------------------------------------------------------------------------- configurations
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    backend: str
+    mode: str | None = None
+    regional: bool = False
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.backend == "eager" and (self.mode or self.regional):
+            raise ValueError("eager takes no compile options")
+
+    @property
+    def name(self) -> str:
+        return "/".join([self.backend] + ["regional"] * self.regional + [self.mode] * (self.mode is not None))
+
+    @classmethod
+    def parse(cls, name: str) -> Config:
+        backend, *options = name.strip().split("/")
+        regional = "regional" in options
+        modes = [option for option in options if option != "regional"]
+        if len(modes) > 1:
+            raise ValueError(f"{name!r}: more than one mode")
+        return cls(backend, modes[0] if modes else None, regional)
+
+
+def configurations(backends: Sequence[str], cudagraphs: bool, max_autotune: bool, regional: bool) -> list[Config]:
+    """eager (when asked for), then every compiled backend at every combination of the options,
+    the backends side by side at each combination."""
+    modes = [None] + ["reduce-overhead"] * cudagraphs + ["max-autotune-no-cudagraphs"] * max_autotune
+    modes += ["max-autotune"] * (cudagraphs and max_autotune)
+    configs = [Config("eager")] if "eager" in backends else []
+    for scope in [False] + [True] * regional:
+        for mode in modes:
+            configs += [Config(backend, mode, scope) for backend in backends if backend != "eager"]
+    return configs
+
+
+def parse_configs(names: str) -> list[Config]:
+    """``--configs``: eager first, so that every other configuration has its output to compare to."""
+    configs = [Config.parse(name) for name in names.split(",") if name.strip()]
+    return sorted(dict.fromkeys(configs), key=lambda config: config.backend != "eager")
+
+
+def schedule(workload_names: Sequence[str], configs: Sequence[Config], repeats: int) -> list[tuple[int, str, Config]]:
+    """``(repeat, workload, config)`` in run order: the whole set, ``repeats`` times over."""
+    return [(repeat, workload, config) for repeat in range(repeats) for workload in workload_names for config in configs]
+
+
+# ---------------------------------------------------------------------------- aggregation
+
+
+def summarize(runs: Sequence[dict]) -> dict:
+    """One configuration over its repeats. A run is a child's result: ``ms`` (per measured
+    call), ``compile_s``, ``peak_bytes``, ``rel_err_max``... or ``error``."""
+    ok = [run for run in runs if "error" not in run]
+    errors = list(dict.fromkeys(run["error"] for run in runs if "error" in run))
+    summary: dict = {"failed_repeats": len(runs) - len(ok), "errors": errors}
+    if not ok:
+        return summary
+    calls = [ms for run in ok for ms in run["ms"]]
+    repeat_medians = [statistics.median(run["ms"]) for run in ok]
+    median = statistics.median(calls)
+
+    def largest(key):
+        values = [run[key] for run in ok if run.get(key) is not None]
+        return max(values) if values else None
+
+    summary.update(
+        median_ms=median,
+        min_ms=min(calls),
+        repeat_median_ms=repeat_medians,
+        spread_pct=100 * (max(repeat_medians) - min(repeat_medians)) / median if len(ok) > 1 else None,
+        compile_s=statistics.median(run["compile_s"] for run in ok),
+        repeat_compile_s=[run["compile_s"] for run in ok],
+        peak_GB=None if largest("peak_bytes") is None else largest("peak_bytes") / 1e9,
+        first_calls_peak_GB=None if largest("first_calls_peak_bytes") is None else largest("first_calls_peak_bytes") / 1e9,
+        rel_err_max=largest("rel_err_max"),
+        rel_err_l2=largest("rel_err_l2"),
+        rewrites=ok[0].get("rewrites"),
+        graphs=ok[0].get("graphs"),
+    )
+    return summary
+
+
+def add_ratios_vs_inductor(results: list[dict]) -> None:
+    """``vs_inductor``: median ms over Inductor's at the same options (eager: over plain Inductor)."""
+    inductor = {
+        (row["workload"], row["mode"], row["regional"]): row.get("median_ms")
+        for row in results
+        if row["backend"] == "inductor"
+    }
+    for row in results:
+        reference = inductor.get((row["workload"], row["mode"], row["regional"]))
+        row["vs_inductor"] = (
+            row["median_ms"] / reference if row.get("median_ms") is not None and reference else None
+        )
+
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
+
+
+def table(results: Sequence[dict]) -> str:
+    """The results as an aligned Markdown table."""
+    header = ("workload", "config", "median ms", "min ms", "spread %", "vs inductor", "peak GB",
+              "compile s", "rel err max", "rel L2", "rewrites / error")
+    rows = [header]
+    for row in results:
+        start = (row["workload"], row["config"])
+        if row.get("median_ms") is None:
+            rows.append(start + ("failed",) + ("",) * 7 + (row["errors"][0][:160] if row["errors"] else "not run",))
+            continue
+        rewrites = ", ".join(f"{name} {count}" for name, count in (row.get("rewrites") or {}).items() if count)
+        failed = f" ({row['failed_repeats']} failed)" if row["failed_repeats"] else ""
+        rows.append(start + (
+            _fmt(row["median_ms"], ".2f") + failed,
+            _fmt(row["min_ms"], ".2f"),
+            _fmt(row["spread_pct"], ".1f"),
+            _fmt(row["vs_inductor"], ".3f"),
+            _fmt(row["peak_GB"], ".3f"),
+            _fmt(row["compile_s"], ".1f"),
+            _fmt(row["rel_err_max"], ".2e"),
+            _fmt(row["rel_err_l2"], ".2e"),
+            rewrites or "-",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- chart
+
+
+BACKEND_COLORS = {"eager": "#9e9e9e", "inductor": "#1f77b4", "diffopt": "#ff7f0e"}
+
+
+def plot(results: Sequence[dict], meta: dict, path: Path) -> Path | None:
+    """Median ms (whiskers: min and max of the repeat medians) and steady-state peak GB per
+    workload and configuration; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = list(dict.fromkeys(row["workload"] for row in results))
+    groups = [[row for row in results if row["workload"] == name][::-1] for name in names]  # first on top
+    figure, axes = plt.subplots(
+        len(names), 2, figsize=(13, 1 + sum(0.5 + 0.28 * len(rows) for rows in groups)), squeeze=False,
+        gridspec_kw={"height_ratios": [len(rows) + 1 for rows in groups]},
+    )
+    for (time_axis, memory_axis), name, rows in zip(axes, names, groups):
+        labels = [row["config"] for row in rows]
+        colors = [BACKEND_COLORS[row["backend"]] for row in rows]
+        medians = [row.get("median_ms") or 0 for row in rows]
+        spread = [(m - min(row.get("repeat_median_ms") or [m]), max(row.get("repeat_median_ms") or [m]) - m)
+                  for m, row in zip(medians, rows)]
+        peaks = [row.get("peak_GB") for row in rows]
+        time_axis.barh(labels, medians, color=colors, xerr=list(zip(*spread)), capsize=2)
+        memory_axis.barh(labels, [peak or 0 for peak in peaks], color=colors)
+        for axis, values in ((time_axis, medians), (memory_axis, peaks)):
+            for y, (row, value) in enumerate(zip(rows, values)):
+                text = "failed" if row.get("median_ms") is None else ("-" if value is None else f"{value:.3g}")
+                axis.text(value or 0, y, " " + text, va="center", fontsize=7)
+            axis.tick_params(labelsize=7)
+            axis.margins(x=0.15)
+        time_axis.set_title(f"{name}: ms per forward (median; whiskers: repeat medians)", fontsize=9, loc="left")
+        memory_axis.set_title(f"{name}: peak GB above inputs", fontsize=9, loc="left")
+        memory_axis.set_yticks(range(len(rows)), [""] * len(rows))
+    env = meta.get("env") or {}
+    figure.suptitle(f"{meta.get('date', '')[:10]}  {env.get('gpu') or env.get('device', '')}  torch {env.get('torch', '')}",
+                    fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------------- child
+
+
+def run_child(spec: dict) -> dict:
+    """Build, compile and time one configuration (in a process of its own)."""
+    import torch
+    from measure import Peak, cuda_peak_above, ms_per_call
+    from torch.utils._pytree import tree_leaves
+
+    from diffopt.models.diffusers_models import cast_like_from_pretrained
+    from diffopt.report import Report, collecting
+
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    cuda = device.type == "cuda"
+    result: dict = {"env": _environment(torch, device)}
+    workload = workloads(spec["wan14b_blocks"])[spec["workload"]]
+    config = Config(spec["backend"], spec["mode"], spec["regional"])
+
+    start = time.perf_counter()
+    model, inputs = workload.build(spec["tiny"], device, dtype)
+    cast_like_from_pretrained(model, dtype)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    result["build_s"] = time.perf_counter() - start
+    base = torch.cuda.memory_allocated() if cuda else None
+
+    if config.backend == "eager":
+        fn = model
+    elif config.regional:
+        model.compile_repeated_blocks(backend=config.backend, **({"mode": config.mode} if config.mode else {}))
+        fn = model
+    else:
+        fn = torch.compile(model, backend=config.backend, **({"mode": config.mode} if config.mode else {}))
+
+    def peak_above_base():
+        return cuda_peak_above(base) if cuda else contextlib.nullcontext(Peak())
+
+    report = Report()
+    with torch.inference_mode(), collecting(report):
+        with peak_above_base() as first_calls_peak:
+            start = time.perf_counter()
+            fn(**inputs)
+            if cuda:
+                torch.cuda.synchronize()
+            result["compile_s"] = time.perf_counter() - start
+            for _ in range(spec["warmup"]):
+                fn(**inputs)
+        with peak_above_base() as peak:
+            result["ms"] = ms_per_call(lambda: fn(**inputs), spec["iters"], device)
+        leaves = [leaf for leaf in tree_leaves(fn(**inputs)) if isinstance(leaf, torch.Tensor)]
+        output = torch.cat([leaf.detach().flatten().float().cpu() for leaf in leaves])
+    result["peak_bytes"], result["first_calls_peak_bytes"] = peak.bytes, first_calls_peak.bytes
+    if config.backend == "diffopt":
+        result["rewrites"] = {}
+        for run in report.runs:
+            result["rewrites"][run.pass_name] = result["rewrites"].get(run.pass_name, 0) + run.matches
+        result["diffopt_pass_s"] = sum(run.seconds for run in report.runs)
+        result["pass_errors"] = [f"{run.pass_name} on {run.graph}: {run.error}" for run in report.failures()]
+    if config.backend != "eager":
+        result["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    reference = Path(spec["reference"])
+    if reference.exists():
+        result["rel_err_max"], result["rel_err_l2"] = relative_errors(output, torch.load(reference))
+    elif config.backend == "eager":
+        torch.save(output, reference)
+    return result
+
+
+def relative_errors(output, reference) -> tuple[float, float]:
+    """(max |output - reference| / max |reference|, ||output - reference|| / ||reference||), in float64."""
+    output, reference = output.double(), reference.double()
+    diff = output - reference
+    return (diff.abs().max() / reference.abs().max()).item(), (diff.norm() / reference.norm()).item()
+
+
+def _environment(torch, device) -> dict:
+    import platform
+
+    import diffusers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _child_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    try:
+        result = run_child(spec)
+    except Exception as error:  # a configuration that fails is a result too
+        import traceback
+
+        traceback.print_exc()
+        message = str(error).strip().splitlines()
+        result = {"error": f"{type(error).__name__}: {message[0][:300] if message else ''}"}
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------- parent
+
+
+def run_configuration(spec: dict, run_dir: Path, log_path: Path, timeout_s: float) -> dict:
+    """One child with fresh compile caches; its result, or what went wrong with it."""
+    caches = Path(tempfile.mkdtemp(prefix="caches-", dir=run_dir))
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
+        "TRITON_CACHE_DIR": str(caches / "triton"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    result_path = Path(spec["result"])
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            returncode = child.wait(timeout=timeout_s)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            # The child's session: it and the compile workers it started.
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.wait()
+    wall_s = time.perf_counter() - start
+    shutil.rmtree(caches, ignore_errors=True)
+    if timed_out:
+        result = {"error": f"timeout: killed after {timeout_s:g} s"}
+    elif result_path.exists():
+        result = json.loads(result_path.read_text())
+    else:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        result = {"error": f"child exited with {returncode} without a result: {tail[0][:200]}"}
+    result["wall_s"] = wall_s
+    result["log"] = str(log_path)
+    return result
+
+
+def collect(runs: dict[tuple[str, Config], list[dict]]) -> list[dict]:
+    results = []
+    for (workload, config), config_runs in runs.items():
+        row = {"workload": workload, "config": config.name, **dataclasses.asdict(config)}
+        results.append({**row, **summarize(config_runs), "runs": config_runs})
+    add_ratios_vs_inductor(results)
+    return results
+
+
+def _progress(index: int, total: int, repeat: int, workload: str, config: Config, result: dict) -> str:
+    head = f"[{index}/{total}] r{repeat} {workload:18} {config.name:36}"
+    if "error" in result:
+        return f"{head} FAILED ({result['wall_s']:.0f} s): {result['error']}"
+    return (f"{head} median {statistics.median(result['ms']):9.2f} ms  first call {result['compile_s']:6.1f} s"
+            f"  ({result['wall_s']:.0f} s in all)")
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", help="comma list (default: all); see workloads()")
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--cudagraphs", action="store_true", help='add mode="reduce-overhead"')
+    parser.add_argument("--max-autotune", action="store_true", help='add mode="max-autotune-no-cudagraphs"')
+    parser.add_argument("--regional", action="store_true", help="add model.compile_repeated_blocks(...)")
+    parser.add_argument("--configs", help="explicit configurations, backend[/regional][/mode], comma-separated "
+                        "(instead of --backends and the option flags)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=10, help="measured calls per child")
+    parser.add_argument("--warmup", type=int, default=3, help="calls after the first, before measuring")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per child")
+    parser.add_argument("--wan14b-blocks", type=int, default=8)
+    parser.add_argument("--tiny", action="store_true", help="tiny configs, float32, on the CPU")
+    parser.add_argument("--device", help="default: cuda, or cpu with --tiny")
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--plot", metavar="JSON", help="only draw the chart of an earlier run's JSON")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return _child_main(args.child)
+    if args.plot:
+        data = json.loads(Path(args.plot).read_text())
+        path = plot(data["results"], data["meta"], Path(args.plot).with_suffix(".png"))
+        print(f"wrote {path}" if path else "no chart: matplotlib is not installed")
+        return
+
+    table_of_workloads = workloads(args.wan14b_blocks)
+    names = args.workloads.split(",") if args.workloads else list(table_of_workloads)
+    unknown = [name for name in names if name not in table_of_workloads]
+    if unknown:
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(table_of_workloads)}")
+    try:
+        if args.configs:
+            configs = parse_configs(args.configs)
+        else:
+            configs = configurations(args.backends.split(","), args.cudagraphs, args.max_autotune, args.regional)
+    except ValueError as error:
+        parser.error(str(error))
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/bench_models.py", *(sys.argv[1:] if argv is None else argv)]),
+        "device": device,
+        "dtype": "float32" if args.tiny else "bfloat16",
+        "tiny": args.tiny,
+        "repeats": args.repeats,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "workloads": {name: table_of_workloads[name].description for name in names},
+        "env": None,
+    }
+    plan = schedule(names, configs, args.repeats)
+    runs: dict[tuple[str, Config], list[dict]] = {(name, config): [] for name in names for config in configs}
+    json_path = out / "bench_models.json"
+    print(f"{len(plan)} children: {len(names)} workload(s) x {len(configs)} configuration(s) x {args.repeats} repeat(s)",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_models-") as run_dir:
+        for index, (repeat, name, config) in enumerate(plan, 1):
+            tag = f"{name}.{config.name.replace('/', '+')}.r{repeat}"
+            spec = {
+                "workload": name, "backend": config.backend, "mode": config.mode, "regional": config.regional,
+                "tiny": args.tiny, "device": device, "dtype": meta["dtype"], "iters": args.iters,
+                "warmup": args.warmup, "wan14b_blocks": args.wan14b_blocks,
+                "reference": str(Path(run_dir) / f"{name}.eager.pt"), "result": str(Path(run_dir) / f"{tag}.json"),
+            }
+            result = run_configuration(spec, Path(run_dir), out / "logs" / f"{tag}.log", args.timeout)
+            meta["env"] = meta["env"] or result.pop("env", None)
+            result.pop("env", None)
+            runs[(name, config)].append({"repeat": repeat, **result})
+            print(_progress(index, len(plan), repeat, name, config, result), flush=True)
+            json_path.write_text(json.dumps({"meta": meta, "results": collect(runs)}, indent=1))
+    results = collect(runs)
+    print()
+    print(table(results))
+    print("wrote", json_path)
+    chart = plot(results, meta, out / "bench_models.png")
+    print(f"wrote {chart}" if chart else "no chart: matplotlib is not installed (draw it elsewhere with --plot)")
+
+
+if __name__ == "__main__":
+    main()

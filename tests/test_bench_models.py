@@ -1,0 +1,238 @@
+"""benchmarks/bench_models.py: its pure helpers, and the script itself on the tiny workloads
+(CPU, float32; every configuration in its own process with fresh compile caches).
+
+``benchmarks/`` is not a package, so the file is loaded by path."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models.py"
+_spec = importlib.util.spec_from_file_location("bench_models", SCRIPT)
+bench_models = sys.modules["bench_models"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(bench_models)
+Config = bench_models.Config
+
+
+def _run(tmp_path, *args, device="cpu", timeout=600):
+    out = tmp_path / "out"
+    device_args = ["--device", device] if device != "cpu" else []
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", *device_args, "--out", str(out), *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout, json.loads((out / "bench_models.json").read_text()), out
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+
+def test_summarize_pools_the_calls_of_every_repeat():
+    runs = [
+        {"ms": [10.0, 12.0, 11.0], "compile_s": 30.0, "peak_bytes": 2e9, "rel_err_max": 1e-3, "rel_err_l2": 1e-4,
+         "rewrites": {"dedupe": 3}},
+        {"ms": [14.0, 13.0, 9.5], "compile_s": 34.0, "peak_bytes": 3e9, "rel_err_max": 2e-3, "rel_err_l2": 5e-5,
+         "rewrites": {"dedupe": 3}},
+    ]
+    summary = bench_models.summarize(runs)
+    assert summary["median_ms"] == 11.5  # median of the six calls, not of the two medians
+    assert summary["min_ms"] == 9.5
+    assert summary["repeat_median_ms"] == [11.0, 13.0]
+    assert summary["spread_pct"] == pytest.approx(100 * 2 / 11.5)
+    assert summary["compile_s"] == 32.0 and summary["repeat_compile_s"] == [30.0, 34.0]
+    assert summary["peak_GB"] == 3.0  # the largest of the repeats, as are the errors
+    assert (summary["rel_err_max"], summary["rel_err_l2"]) == (2e-3, 1e-4)
+    assert summary["rewrites"] == {"dedupe": 3} and summary["failed_repeats"] == 0
+
+
+def test_summarize_keeps_failures_and_missing_numbers():
+    ok = {"ms": [5.0, 7.0], "compile_s": 1.5}  # on the CPU: no peak; no eager reference: no error
+    summary = bench_models.summarize([ok, {"error": "OutOfMemoryError: boom"}, {"error": "OutOfMemoryError: boom"}])
+    assert summary["median_ms"] == 6.0 and summary["spread_pct"] is None  # one repeat: no spread
+    assert summary["peak_GB"] is None and summary["rel_err_max"] is None
+    assert summary["failed_repeats"] == 2 and summary["errors"] == ["OutOfMemoryError: boom"]
+    failed = bench_models.summarize([{"error": "timeout: killed after 5 s"}])
+    assert "median_ms" not in failed and failed["errors"] == ["timeout: killed after 5 s"]
+
+
+def test_ratios_compare_with_inductor_at_the_same_options():
+    def row(backend, mode, regional, median_ms, workload="w"):
+        return {"workload": workload, "backend": backend, "mode": mode, "regional": regional, "median_ms": median_ms}
+
+    results = [
+        row("eager", None, False, 30.0),
+        row("inductor", None, False, 20.0),
+        row("diffopt", None, False, 19.0),
+        row("inductor", "reduce-overhead", False, 10.0),
+        row("diffopt", "reduce-overhead", False, 8.0),
+        row("inductor", None, True, None),  # failed
+        row("diffopt", None, True, 21.0),
+        row("diffopt", None, False, 40.0, workload="other"),  # no inductor there
+    ]
+    bench_models.add_ratios_vs_inductor(results)
+    assert [r["vs_inductor"] for r in results] == [1.5, 1.0, 0.95, 1.0, 0.8, None, None, None]
+
+
+def test_config_names_round_trip():
+    for config in bench_models.configurations(["eager", "inductor", "diffopt"], True, True, True):
+        assert Config.parse(config.name) == config
+    assert Config.parse("diffopt/regional/reduce-overhead") == Config("diffopt", "reduce-overhead", True)
+    assert Config.parse("inductor/max-autotune-no-cudagraphs/regional").name == (
+        "inductor/regional/max-autotune-no-cudagraphs"
+    )
+    for bad in ("tensorrt", "eager/regional", "eager/reduce-overhead", "inductor/fast", "inductor/reduce-overhead/max-autotune"):
+        with pytest.raises(ValueError):
+            Config.parse(bad)
+
+
+def test_configurations_cross_the_options_with_backends_side_by_side():
+    names = [c.name for c in bench_models.configurations(["eager", "inductor", "diffopt"], False, False, False)]
+    assert names == ["eager", "inductor", "diffopt"]
+    names = [c.name for c in bench_models.configurations(["inductor", "diffopt"], True, False, True)]
+    assert names == [
+        "inductor", "diffopt", "inductor/reduce-overhead", "diffopt/reduce-overhead",
+        "inductor/regional", "diffopt/regional", "inductor/regional/reduce-overhead", "diffopt/regional/reduce-overhead",
+    ]
+    modes = {c.mode for c in bench_models.configurations(["diffopt"], True, True, False)}
+    assert modes == {None, "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"}
+    # --configs: eager goes first so that the others can compare with its output
+    assert [c.name for c in bench_models.parse_configs("diffopt/regional, eager,diffopt/regional")] == [
+        "eager", "diffopt/regional"
+    ]
+
+
+def test_schedule_repeats_the_whole_set_in_order():
+    a, b = Config("eager"), Config("diffopt")
+    assert bench_models.schedule(["w1", "w2"], [a, b], 2) == [
+        (0, "w1", a), (0, "w1", b), (0, "w2", a), (0, "w2", b),
+        (1, "w1", a), (1, "w1", b), (1, "w2", a), (1, "w2", b),
+    ]
+
+
+def test_relative_errors():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(1000, generator=generator)
+    noise = 1e-3 * torch.randn(1000, generator=generator)
+    max_err, l2 = bench_models.relative_errors(reference + noise, reference)
+    assert max_err == pytest.approx((noise.abs().max() / reference.abs().max()).item(), rel=1e-5)
+    assert l2 == pytest.approx((noise.norm() / reference.norm()).item(), rel=1e-5)
+    assert bench_models.relative_errors(reference, reference) == (0.0, 0.0)
+
+
+def test_every_workload_has_a_description_and_the_14b_block_count_in_its_name():
+    table = bench_models.workloads(wan14b_blocks=40)
+    assert set(table) == {"wan1.3b_480p", "wan1.3b_1frame", "wan14b_40blocks", "cosmos3", "flux_1024", "wan1.3b_480p_cfg2"}
+    assert "40 of 40 blocks" in table["wan14b_40blocks"].description
+
+
+@pytest.mark.parametrize("name", list(bench_models.workloads()))
+def test_tiny_workloads_run_and_real_ones_have_the_stated_shapes(name):
+    pytest.importorskip("diffusers")
+    model, inputs = bench_models.workloads()[name].build(True, torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        (output, *_) = model(**inputs)
+    output = output[0] if isinstance(output, list) else output  # Cosmos3: one sample per item
+    assert torch.isfinite(output).all() and output.abs().max() > 0
+    if name.startswith("wan"):
+        assert output.shape[0] == (2 if name.endswith("cfg2") else 1)
+
+
+def test_real_workload_shapes():
+    from diffopt.models import get_config
+
+    wan = get_config("wan-1.3b")
+    assert wan.seq_len == 32760 and wan.text_len == 512
+    frames, height, width = bench_models.COSMOS3_LATENT[False]
+    assert frames * (height // 2) * (width // 2) == get_config("cosmos3").gen_seq_len == 28520
+    flux = get_config("flux-dev")
+    assert (flux.seq_len, flux.text_len, flux.num_layers, flux.num_single_layers) == (4096, 512, 19, 38)
+
+
+# ---------------------------------------------------------------------------- the script
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("bench_models"), "--workloads", "wan1.3b_1frame", "--iters", "2",
+                "--warmup", "1")
+
+
+def test_tiny_run_has_every_configuration_with_finite_numbers(tiny_run):
+    from diffopt.pipeline import registered_passes
+
+    stdout, data, out = tiny_run
+    results = {row["config"]: row for row in data["results"]}
+    assert set(results) == {"eager", "inductor", "diffopt"}
+    for name, row in results.items():
+        assert row["workload"] == "wan1.3b_1frame" and row["failed_repeats"] == 0, row["errors"]
+        assert len(row["runs"]) == 1 and len(row["runs"][0]["ms"]) == 2
+        for key in ("median_ms", "min_ms", "compile_s", "vs_inductor"):
+            assert math.isfinite(row[key]) and row[key] > 0, (name, key)
+        assert row["min_ms"] <= row["median_ms"]
+        assert row["peak_GB"] is None  # no CUDA
+        assert Path(row["runs"][0]["log"]).exists()
+    for name in ("inductor", "diffopt"):
+        assert results[name]["rel_err_max"] < 1e-4 and results[name]["rel_err_l2"] < 1e-4, name
+        assert results[name]["graphs"] >= 1
+    assert results["inductor"]["vs_inductor"] == 1.0
+    rewrites = results["diffopt"]["rewrites"]
+    assert set(rewrites) <= set(registered_passes()) and sum(rewrites.values()) > 0
+    assert results["inductor"]["rewrites"] is None
+    assert data["meta"]["env"]["torch"] == torch.__version__ and data["meta"]["tiny"]
+
+
+def test_tiny_run_prints_the_table_and_the_chart(tiny_run):
+    stdout, data, out = tiny_run
+    header = next(line for line in stdout.splitlines() if line.startswith("| workload"))
+    for column in ("config", "median ms", "min ms", "vs inductor", "peak GB", "compile s", "rel err max", "rewrites"):
+        assert column in header
+    rows = [line for line in stdout.splitlines() if line.startswith("| wan1.3b_1frame")]
+    assert [row.split("|")[2].strip() for row in rows] == ["eager", "inductor", "diffopt"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no chart: matplotlib is not installed" in stdout
+    else:
+        assert (out / "bench_models.png").stat().st_size > 0
+
+
+def test_repeats_run_the_set_again_and_eager_repeats_itself(tmp_path):
+    stdout, data, _ = _run(tmp_path, "--workloads", "flux_1024", "--configs", "eager", "--repeats", "2",
+                           "--iters", "2", "--warmup", "0")
+    assert [line.split()[1] for line in stdout.splitlines() if line.startswith("[")] == ["r0", "r1"]
+    (row,) = data["results"]
+    assert [run["repeat"] for run in row["runs"]] == [0, 1]
+    assert len(row["repeat_median_ms"]) == 2 and row["spread_pct"] >= 0
+    assert row["rel_err_max"] == 0.0  # the second eager run against the first one's output
+    assert row["vs_inductor"] is None
+
+
+def test_a_child_past_its_timeout_is_recorded_and_the_run_goes_on(tmp_path):
+    stdout, data, _ = _run(tmp_path, "--workloads", "wan1.3b_1frame,flux_1024", "--configs", "eager",
+                           "--timeout", "0.2")
+    assert [row["errors"] for row in data["results"]] == [["timeout: killed after 0.2 s"]] * 2
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in stdout.splitlines() if line.startswith("| ")]
+    assert [row[:3] + row[-1:] for row in rows[1:]] == [
+        [workload, "eager", "failed", "timeout: killed after 0.2 s"] for workload in ("wan1.3b_1frame", "flux_1024")
+    ]
+
+
+@pytest.mark.gpu
+def test_tiny_run_on_cuda_measures_peak_memory(tmp_path):
+    stdout, data, _ = _run(tmp_path, "--workloads", "wan1.3b_1frame", "--cudagraphs", "--iters", "3",
+                           "--warmup", "2", device="cuda")
+    results = {row["config"]: row for row in data["results"]}
+    assert set(results) == {"eager", "inductor", "diffopt", "inductor/reduce-overhead", "diffopt/reduce-overhead"}
+    for name, row in results.items():
+        assert row["failed_repeats"] == 0, (name, row["errors"])
+        assert row["peak_GB"] >= 0 and row["first_calls_peak_GB"] >= 0, name
+        if name != "eager":
+            assert row["rel_err_max"] < 1e-3, name
+    assert data["meta"]["env"]["gpu"]
