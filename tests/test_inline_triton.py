@@ -18,7 +18,10 @@ def rotate_half(x):
 def front(q, k, wq, wk, cos, sin):
     q = F.rms_norm(q, (q.shape[-1],), wq, 1e-6)
     k = F.rms_norm(k, (k.shape[-1],), wk, 1e-5)
-    return (q * cos + rotate_half(q) * sin).transpose(1, 2), (k * cos + rotate_half(k) * sin).transpose(1, 2)
+    # fp32 tables promote the rotation; the result goes back to the input's dtype, as models do
+    q_out = (q * cos + rotate_half(q) * sin).to(q.dtype)
+    k_out = (k * cos + rotate_half(k) * sin).to(k.dtype)
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 
 def inputs(device, dtype, B=2, S=40, H=8, Hk=2, D=64, seed=0):
