@@ -26,6 +26,7 @@ from measure import cuda_peak_above, ms_per_call  # noqa: E402
 
 import diffopt  # noqa: E402
 from diffopt.backend import diffopt_backend  # noqa: E402
+from diffopt.models.diffusers_models import cast_like_from_pretrained  # noqa: E402
 from diffopt.pipeline import registered_passes  # noqa: E402
 from diffopt.report import Report, collecting  # noqa: E402
 
@@ -60,6 +61,7 @@ def main() -> None:
     else:
         build = workloads()[args.workload].build
     model, inputs = build(args.tiny, "cuda", torch.bfloat16)
+    cast_like_from_pretrained(model, torch.bfloat16)
     model = model.eval()
 
     def compile_with(options):
