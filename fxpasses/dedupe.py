@@ -14,7 +14,8 @@ Preconditions: the op is an ATen/prims op that neither mutates, draws random
 numbers, nor has a data-dependent output (``.item()``, ``nonzero``; a gather by
 integer indices, ``table[positions]``, has none), and both nodes have the same
 target, the same arguments (the same nodes or equal constants) and the same
-keyword arguments.
+keyword arguments, and the op reads at least one tensor (allocations and other
+factories are left to Inductor, which folds them into their consumers).
 """
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ class Dedupe(GraphPass):
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         first: dict[Any, fx.Node] = {}
         for node in list(graph.nodes):
-            if not is_pure_call(node):
+            # A factory call (empty, zeros, arange: no tensor input) costs nothing to repeat and Inductor
+            # folds it into its consumers; one shared result would be a buffer kept alive from its first
+            # use to its last (diffusers Wan's per-block empty_like: a 100 MB buffer across all 30 blocks).
+            if not is_pure_call(node) or not node.all_input_nodes:
                 continue
             key = _key(node)
             if key is None:
