@@ -18,9 +18,13 @@ backend as ``options=``. Recognised keys:
 ``inductor_config``
     Inductor config patches applied while this backend compiles (the same keys
     ``torch.compile(options=...)`` takes with the inductor backend).
+``mode``
+    Inductor's mode (``"max-autotune"``, ``"max-autotune-no-cudagraphs"``,
+    ``"reduce-overhead"``, ``"default"``): torch refuses ``mode=`` together with
+    ``options=``, so diffopt takes it here too.
 
-Unknown keys and unknown pass names are errors: a typo must not silently do
-nothing.
+Unknown keys, unknown pass names and values of the wrong type are errors: a
+typo must not silently do nothing.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-_KEYS = ("passes", "inductor", "strict", "inductor_config")
+_KEYS = ("passes", "inductor", "strict", "inductor_config", "mode")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +42,7 @@ class Options:
     inductor: bool = True
     strict: bool = False
     inductor_config: tuple[tuple[str, Any], ...] = ()
+    mode: str | None = None
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None, known_passes: Mapping[str, Any]) -> "Options":
@@ -54,11 +60,21 @@ class Options:
                 settings.append((name, True, tuple(sorted(value.items()))))
             else:
                 raise TypeError(f"diffopt: passes[{name!r}] must be a bool or a dict, got {type(value).__name__}")
+        for key in ("inductor", "strict"):
+            if not isinstance(options.get(key, False), bool):
+                raise TypeError(f"diffopt: option {key!r} must be True or False, got {options[key]!r}")
+        inductor_config = options.get("inductor_config") or {}
+        if not isinstance(inductor_config, Mapping):
+            raise TypeError(f"diffopt: option 'inductor_config' must be a dict, got {type(inductor_config).__name__}")
+        mode = options.get("mode")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"diffopt: option 'mode' must be one of {list(MODES)}, got {mode!r}")
         return cls(
             pass_settings=tuple(sorted(settings)),
-            inductor=bool(options.get("inductor", True)),
-            strict=bool(options.get("strict", False)),
-            inductor_config=tuple(sorted(dict(options.get("inductor_config") or {}).items())),
+            inductor=options.get("inductor", True),
+            strict=options.get("strict", False),
+            inductor_config=tuple(sorted(dict(inductor_config).items())),
+            mode=mode,
         )
 
     def pass_enabled(self, name: str, by_default: bool = True) -> bool:

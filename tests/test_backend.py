@@ -72,6 +72,25 @@ def test_unknown_options_are_errors():
         Pipeline(Options.parse({"passes": {"split_contiguous": {"depth": 3}}}, registered_passes()))
 
 
+@pytest.mark.parametrize(
+    "options, error",
+    [
+        ({"strict": "yes"}, "'strict' must be True or False"),
+        ({"inductor": 0}, "'inductor' must be True or False"),
+        ({"inductor_config": [("max_autotune", True)]}, "'inductor_config' must be a dict"),
+        ({"mode": "fast"}, "'mode' must be one of"),
+        ({"passes": {"dedupe": "off"}}, "must be a bool or a dict"),
+    ],
+)
+def test_option_values_are_checked(options, error):
+    with pytest.raises((TypeError, ValueError), match=error):
+        Options.parse(options, registered_passes())
+
+
+def test_mode_is_an_option():
+    assert Options.parse({"mode": "max-autotune"}, registered_passes()).mode == "max-autotune"
+
+
 def test_opt_in_passes_run_only_when_named():
     def names(options):
         return [p.name for p in Pipeline(Options.parse(options, registered_passes())).passes]
