@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
+
+from . import compat
 
 
 class Stage(enum.Enum):
@@ -112,7 +113,7 @@ def insert_call(graph: fx.Graph, target: Callable[..., Any], args: tuple, origin
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
     fake_args, fake_kwargs = fx.node.map_aggregate((args, kwargs), fake_value)
-    mode = detect_fake_mode(_leaves(fake_args, fake_kwargs))
+    mode = compat.detect_fake_mode(_leaves(fake_args, fake_kwargs))
     if mode is not None:
         with mode:
             node.meta["val"] = target(*fake_args, **fake_kwargs)

@@ -66,10 +66,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value, insert_call
 
 aten = torch.ops.aten
@@ -486,7 +486,7 @@ def _view_closure(node: fx.Node) -> list[fx.Node] | None:
 def _recompute(views: list[fx.Node], changed: dict[fx.Node, Any]) -> dict[fx.Node, Any] | None:
     """New fake values of ``views`` once the nodes in ``changed`` produce their new values; None
     if one no longer has its old sizes and strides."""
-    mode = detect_fake_mode(list(changed.values()))
+    mode = compat.detect_fake_mode(list(changed.values()))
     values = dict(changed)
     with mode:
         for view in views:
