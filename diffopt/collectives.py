@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from diffopt import compat
 from diffopt.graph_pass import fake_value
 
 A2A = torch.ops._c10d_functional.all_to_all_single.default
@@ -106,12 +107,13 @@ def match_all_to_all(node: fx.Node) -> AllToAll | None:
 def group_rank(group_name: str, world_size: int) -> int | None:
     """This process's rank in the process group ``group_name`` (as the collective names it), or None."""
     import torch.distributed as dist
-    from torch.distributed import distributed_c10d
 
     if not dist.is_available() or not dist.is_initialized():
         return None
+    group = compat.resolve_process_group(group_name)
+    if group is None:
+        return None
     try:
-        group = distributed_c10d._resolve_process_group(group_name)
         rank, size = dist.get_rank(group), dist.get_world_size(group)
     except Exception:
         return None
@@ -127,19 +129,16 @@ def topology() -> str:
     every rank compiles the same graph, and the cache is shared by the processes of a host.
     """
     import torch.distributed as dist
-    from torch.distributed import distributed_c10d
 
     if not dist.is_available() or not dist.is_initialized():
         return "no process group"
     parts = []
-    world = distributed_c10d._world
-    for group, name in list(world.pg_names.items()):
-        ranks = world.pg_group_ranks.get(group, {})
+    for group, name, ranks in compat.process_groups():
         try:
             rank = dist.get_rank(group)
         except Exception:
             rank = -1
-        parts.append(f"{name}:{rank}:{sorted(ranks)}")
+        parts.append(f"{name}:{rank}:{ranks}")
     return f"rank {dist.get_rank()}; " + "; ".join(sorted(parts))
 
 

@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
+
+from . import compat
 
 
 class Stage(enum.Enum):
@@ -131,7 +132,7 @@ def insert_call(graph: fx.Graph, target: Callable[..., Any], args: tuple, origin
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
     fake_args, fake_kwargs = fx.node.map_aggregate((args, kwargs), fake_value)
-    mode = detect_fake_mode(_leaves(fake_args, fake_kwargs))
+    mode = compat.detect_fake_mode(_leaves(fake_args, fake_kwargs))
     if mode is not None:
         try:
             with mode:
@@ -157,6 +158,26 @@ def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
     for node in reversed(graph.nodes):
         if node in candidates and not node.users:
             graph.erase_node(node)
+
+
+def check_links(graph: fx.Graph) -> None:
+    """Raise where a node's ``users`` disagree with the arguments that name it: a half-made
+    rewrite ``graph.lint()`` does not see (it checks order and ownership), and that makes later
+    ``replace_all_uses_with`` / ``erase_node`` calls or dead-code elimination go wrong."""
+    in_graph = set(graph.nodes)
+    inputs: dict[fx.Node, set[fx.Node]] = {}
+    for node in in_graph:
+        inputs[node] = set()
+        fx.node.map_arg((node.args, node.kwargs), inputs[node].add)
+    for node, used in inputs.items():
+        for arg in used:
+            if node not in arg.users:
+                raise RuntimeError(f"{node.name} uses {arg.name}, whose users do not include it")
+        for user in node.users:
+            if user not in in_graph:
+                raise RuntimeError(f"{node.name} lists {user.name} as a user, which is not in the graph")
+            if node not in inputs[user]:
+                raise RuntimeError(f"{node.name} lists {user.name} as a user, which does not use it")
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')

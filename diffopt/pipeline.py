@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
 
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import __version__
-from .graph_pass import GraphPass, RewriteLog, Stage
+from . import __version__, compat
+from .graph_pass import GraphPass, RewriteLog, Stage, check_links
 from .options import Options
 from .report import Decline, PassRun, Rewrite, record
 
@@ -48,15 +48,23 @@ class Pipeline:
         log = RewriteLog()
         snapshot = _copy(graph)
         start = time.perf_counter()
-        error = None
+        error = failure = None
         try:
             graph_pass.apply(graph, log)
-            graph.lint()
         except Exception as exc:
             if self.options.strict:
                 raise
-            error = f"{type(exc).__name__}: {exc}"
-            logging.getLogger("diffopt").debug("pass %s raised", graph_pass.name, exc_info=True)
+            error, failure = _describe(exc), exc
+        else:
+            try:
+                graph.lint()
+                check_links(graph)
+            except Exception as exc:
+                if self.options.strict:
+                    raise RuntimeError(f"diffopt: pass {graph_pass.name} left the graph inconsistent") from exc
+                error, failure = f"left the graph inconsistent ({_describe(exc)})", exc
+        if failure is not None:
+            logging.getLogger("diffopt").debug("pass %s failed", graph_pass.name, exc_info=failure)
             _restore(graph, snapshot)
             log = RewriteLog()
         for observer in _observers.get():
@@ -67,6 +75,11 @@ class Pipeline:
             [Rewrite(graph_pass.name, graph_name, **entry) for entry in log.entries],
             [Decline(graph_pass.name, graph_name, **entry) for entry in log.declines],
         )
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` (lint's messages go on to print the whole graph)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 # (pass name, graph name, graph before the pass, graph after it)
@@ -85,21 +98,31 @@ def observing(observer: Observer) -> Iterator[None]:
 
 
 def _copy(graph: fx.Graph) -> fx.Graph:
-    copy = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
-    output = copy.graph_copy(graph, {})
-    copy.output(output)
-    return copy
+    """A new graph with copies of ``graph``'s nodes and their metadata."""
+    duplicate = fx.Graph(owning_module=graph.owning_module)
+    _copy_nodes(graph, duplicate)
+    return duplicate
+
+
+def _copy_nodes(source: fx.Graph, target: fx.Graph) -> None:
+    copied = target.graph_copy(source, {}, return_output_node=True)
+    if copied is not None:
+        value, output = copied
+        target.output(value, type_expr=output.type).meta = copy.copy(output.meta)
 
 
 def _restore(graph: fx.Graph, snapshot: fx.Graph) -> None:
-    """Make ``graph`` (the object Inductor holds) equal to ``snapshot`` again."""
-    for node in reversed(graph.nodes):
-        node.users.clear()  # the pass may have left half-linked nodes; erase regardless
-        graph.erase_node(node)
-    graph.output(graph.graph_copy(snapshot, {}))
+    """Make ``graph`` (the object Inductor holds) equal to ``snapshot`` again.
+
+    The failed pass may have left any link broken (a node before its inputs, users that do
+    not match arguments), so nothing here reads the graph's nodes: the node list is replaced
+    as a whole, the graph's owner, tracer and codegen kept.
+    """
+    compat.clear_graph(graph)
+    _copy_nodes(snapshot, graph)
 
 
-class PostGradPasses(CustomGraphPass):
+class PostGradPasses(compat.CustomGraphPass):
     """The pipeline's post-grad stage as Inductor's ``post_grad_custom_post_pass``.
 
     ``uuid()`` is the pipeline's fingerprint, so Inductor's FX graph cache stays

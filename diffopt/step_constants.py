@@ -14,18 +14,14 @@ insert an op, or its value as a constant when all its inputs are step-invariant.
 """
 from __future__ import annotations
 
-import contextlib
 import operator
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import free_symbols, statically_known_true
-from torch.utils._python_dispatch import _disable_current_modes
 
+from diffopt import compat
 from diffopt.graph_pass import fake_value, insert_call
 
 # Larger step-invariant tensors are left in the graph (not materialized while compiling).
@@ -126,7 +122,7 @@ def emit(
     real_args, real_kwargs = fx.node.map_aggregate((args, kwargs), consts._value)
     leaves: list[Any] = []
     fx.node.map_aggregate((real_args, real_kwargs), leaves.append)
-    mode = detect_fake_mode([fake_value(origin)])
+    mode = compat.detect_fake_mode([fake_value(origin)])
     if graph.owning_module is not None and mode is not None and all(leaf is not _NOT_CONSTANT for leaf in leaves):
         try:
             value = _run(target, real_args, real_kwargs)
@@ -142,7 +138,7 @@ def constant_node(graph: fx.Graph, consts: Constants, value: torch.Tensor, origi
     name = consts.new_name(stem)
     graph.owning_module.register_buffer(name, value.contiguous(), persistent=False)
     node = graph.get_attr(name)
-    mode = detect_fake_mode([fake_value(origin)])
+    mode = compat.detect_fake_mode([fake_value(origin)])
     node.meta["val"] = mode.from_tensor(value.contiguous(), static_shapes=True)
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in origin.meta:
@@ -178,15 +174,8 @@ def _pure(target: Any) -> bool:
 
 def _run(target: Any, args: Any, kwargs: Any) -> Any:
     """``target(*args, **kwargs)`` on real tensors, whatever fake/functional modes are active."""
-    with real_mode():
+    with compat.real_mode():
         return target(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def real_mode() -> Iterator[None]:
-    """Real tensor computation inside a compiler pass (which may run under a fake mode)."""
-    with _disable_current_modes(), unset_fake_temporarily(), torch.no_grad():
-        yield
 
 
 def _small_static(fake: Any, max_numel: int) -> bool:

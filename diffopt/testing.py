@@ -41,7 +41,7 @@ def trace(
     options = {"inductor": False, "strict": True, **(options or {})}
     report = Report()
     graphs: list[tuple[str, str, fx.Graph, fx.Graph]] = []
-    torch._dynamo.reset()
+    torch.compiler.reset()
     backend = functools.partial(diffopt_backend, options=options)
     compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)
     with observing(lambda *record: graphs.append(record)), collecting(report), torch._inductor.config.patch(

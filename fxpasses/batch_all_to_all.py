@@ -49,9 +49,9 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from diffopt import compat
 from diffopt.graph_pass import (
     GraphPass,
     RewriteLog,
@@ -222,7 +222,7 @@ def _reshape_users_to_views(graph: fx.Graph, wait: fx.Node, column: fx.Node) -> 
     if not users or any(user.target not in RESHAPES for user in users):
         return False
     column_value = fake_value(column)
-    mode = detect_fake_mode([column_value])
+    mode = compat.detect_fake_mode([column_value])
     for user in users:
         try:
             with mode:
@@ -250,7 +250,7 @@ def _is_contiguous_copy(node: fx.Node) -> bool:
 
 def _consumers_accept(node: fx.Node, value: torch.Tensor) -> bool:
     """Whether every user of ``node`` computes the same sizes and strides from ``value`` as it did."""
-    mode = detect_fake_mode([value])
+    mode = compat.detect_fake_mode([value])
     for user in node.users:
         if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
             return False

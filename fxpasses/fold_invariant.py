@@ -75,18 +75,14 @@ Preconditions (else the value stays in the graph):
 from __future__ import annotations
 
 import collections
-import contextlib
 import operator
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import free_symbols
-from torch.utils._python_dispatch import _disable_current_modes
 
+from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value
 
 aten = torch.ops.aten
@@ -354,7 +350,7 @@ class _Evaluator:
 
     def get(self, node: fx.Node) -> torch.Tensor | None:
         try:
-            with _real_mode():
+            with compat.real_mode():
                 value = self._value(node)
         except Exception:  # e.g. a device not present while compiling: leave the node as it is
             return None
@@ -392,13 +388,6 @@ class _Everything:
         return True
 
 
-@contextlib.contextmanager
-def _real_mode() -> Iterator[None]:
-    """Real tensors inside a compiler pass (which runs under fake and other dispatch modes)."""
-    with _disable_current_modes(), unset_fake_temporarily(), torch.no_grad(), torch._C._DisableAutocast():
-        yield
-
-
 def _with_recorded_layout(value: torch.Tensor, fake: Any) -> torch.Tensor | None:
     """``value`` with the sizes, strides, dtype and device the graph recorded, or ``None``."""
     if not isinstance(fake, torch.Tensor):
@@ -408,9 +397,9 @@ def _with_recorded_layout(value: torch.Tensor, fake: Any) -> torch.Tensor | None
     if tuple(value.stride()) == tuple(fake.stride()) and value.storage_offset() == 0:
         if value.untyped_storage().nbytes() == _storage_bytes(value):
             return value
-    if not torch._prims_common.is_non_overlapping_and_dense(fake):
+    if not compat.is_non_overlapping_and_dense(fake):
         return None
-    with _real_mode():
+    with compat.real_mode():
         out = torch.empty_strided(tuple(fake.shape), tuple(fake.stride()), dtype=value.dtype, device=value.device)
         out.copy_(value)
     return out
@@ -448,7 +437,7 @@ def _allow_real_constants(constants: list[fx.Node]) -> None:
     op); freezing compiles with ``allow_non_fake_inputs`` for that reason. The fake mode
     belongs to this compile only.
     """
-    modes = {id(m): m for m in (detect_fake_mode([fake_value(n) for n in constants]), detect_fake_mode()) if m}
+    modes = {id(m): m for m in (compat.detect_fake_mode([fake_value(n) for n in constants]), compat.detect_fake_mode()) if m}
     for mode in modes.values():
         mode.allow_non_fake_inputs = True
 

@@ -37,7 +37,10 @@ Preconditions (else the read is left as it is):
 
 - Same value: two reads are merged only when they pick the same element of the
   same producer node through view ops with constant indices and static shapes,
-  with the same dtype (a dtype cast ends the chain).
+  with the same dtype (a dtype cast ends the chain), or the same element rounded
+  the same way and cast to the same integer type (``int(t.item())`` of a float
+  ``t``, which ``diffopt.scalar_capture`` turns into the read of
+  ``trunc(t).to(int64)``).
 - No mutation: no mutating op in the graph touches the storage of the producer
   or of any view on the chain (otherwise moving or merging a read could change
   what it reads).
@@ -66,10 +69,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value, insert_call
 
 aten = torch.ops.aten
@@ -91,6 +94,7 @@ _SAME_ORDER = {
 }
 _HEAD_OPS = ("placeholder", "get_attr")
 _ARITH = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor}
+_ROUNDINGS = {aten.trunc.default, aten.floor.default, aten.ceil.default, aten.round.default}
 
 
 class HoistItem(GraphPass):
@@ -110,7 +114,7 @@ class HoistItem(GraphPass):
                 elements[read] = element
 
         # Deduplicate: one read per element.
-        first: dict[tuple[fx.Node, int], fx.Node] = {}
+        first: dict[tuple[Any, ...], fx.Node] = {}
         for read in reads:
             element = elements.get(read)
             if element is None:
@@ -140,21 +144,24 @@ class HoistItem(GraphPass):
 
 
 class _Element:
-    """The element a numel-1 tensor holds: ``root``'s element ``index`` (row-major), via ``chain``."""
+    """The element a numel-1 tensor holds: ``root``'s element ``index`` (row-major), via ``chain``,
+    ``rounding`` (op and integer dtype) applied on the way where the read is of a rounded float."""
 
-    def __init__(self, root: fx.Node, index: int, chain: list[fx.Node]) -> None:
+    def __init__(self, root: fx.Node, index: int, chain: list[fx.Node], rounding: tuple[Any, Any] | None) -> None:
         self.root = root
         self.index = index
         self.chain = chain  # from the node after root to the read's input, in graph order
+        self.rounding = rounding
 
     @property
-    def key(self) -> tuple[fx.Node, int]:
-        return (self.root, self.index)
+    def key(self) -> tuple[Any, ...]:
+        return (self.root, self.index, self.rounding)
 
     def describe(self) -> str:
         value = fake_value(self.root)
         shape = list(value.shape) if isinstance(value, torch.Tensor) else "?"
-        return f"{self.root.name}{shape}[{self.index}]"
+        rounded = f" ({self.rounding[0]._opname}, to {self.rounding[1]})" if self.rounding else ""
+        return f"{self.root.name}{shape}[{self.index}]{rounded}"
 
     @property
     def device(self) -> torch.device:
@@ -177,14 +184,38 @@ def _element_of(node: Any) -> _Element | None:
         return None
     if value.numel() != 1:
         return None
-    index, chain = 0, []
+    index, chain, rounding = 0, [], None
+    rounded = _rounded_integer(node)
+    if rounded is not None:
+        chain = [node, rounded]
+        rounding = (rounded.target, value.dtype)
+        node = rounded.args[0]
     while True:
         back = _step_back(node, index)
         if back is None:
             break
         chain.append(node)
         node, index = back
-    return _Element(node, index, chain[::-1])
+    return _Element(node, index, chain[::-1], rounding)
+
+
+def _rounded_integer(node: fx.Node) -> fx.Node | None:
+    """The rounding ``r`` where ``node`` is ``r(x)`` (trunc/floor/ceil/round of a float) cast to an
+    integer type, else None."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    is_cast = node.target is prims.convert_element_type.default or (
+        node.target is aten._to_copy.default and set(node.kwargs) == {"dtype"}
+    )
+    value, rounded = fake_value(node), node.args[0]
+    if not is_cast or not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype is torch.bool:
+        return None
+    source = fake_value(rounded)
+    if rounded.op != "call_function" or rounded.target not in _ROUNDINGS or len(rounded.args) != 1 or rounded.kwargs:
+        return None
+    if not isinstance(source, torch.Tensor) or not source.is_floating_point() or not isinstance(rounded.args[0], fx.Node):
+        return None
+    return rounded
 
 
 def _static(shape: Iterable[Any]) -> tuple[int, ...] | None:
@@ -486,7 +517,7 @@ def _view_closure(node: fx.Node) -> list[fx.Node] | None:
 def _recompute(views: list[fx.Node], changed: dict[fx.Node, Any]) -> dict[fx.Node, Any] | None:
     """New fake values of ``views`` once the nodes in ``changed`` produce their new values; None
     if one no longer has its old sizes and strides."""
-    mode = detect_fake_mode(list(changed.values()))
+    mode = compat.detect_fake_mode(list(changed.values()))
     values = dict(changed)
     with mode:
         for view in views:

@@ -65,9 +65,10 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value, insert_call
 
-from diffopt.step_constants import Constants, constant_node, erase_dead, real_mode, same_layout
+from diffopt.step_constants import Constants, constant_node, erase_dead, same_layout
 from .fold_gathers import INDEX_DTYPES
 
 aten = torch.ops.aten
@@ -226,7 +227,7 @@ def _inverse_map(
     real_idx = consts.value(idx)
     if real_idx is not None and graph.owning_module is not None:
         try:
-            with real_mode():
+            with compat.real_mode():
                 src = torch.full((padded,), -1, dtype=torch.int64, device=real_idx.device)
                 src = src.index_put((real_idx,), torch.arange(n, dtype=torch.int64, device=real_idx.device))
                 safe_value, valid_value = src.clamp(min=0), (src >= 0).view([padded] + [1] * trailing)

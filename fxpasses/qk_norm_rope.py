@@ -55,9 +55,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
+from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call, is_pure_call
 from diffopt.kernels.reference import apply_rope
 
@@ -287,7 +287,7 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None
             if not isinstance(exit_val, torch.Tensor) or not _same_shape(exit_val.shape, x_val.shape):
                 continue
             members = [n for n in region if position[n] <= position[exit_node]]
-            with unset_fake_temporarily():  # rows are real tensors, whatever mode compiles the graph
+            with compat.unset_fake_temporarily():  # rows are real tensors, whatever mode compiles the graph
                 layout = _identify_rotation(x, exit_node, members, lead_rank, position)
             if layout is not None:
                 kept = _rounding_kept(norm.nodes + members, exit_val.dtype)

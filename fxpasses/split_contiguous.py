@@ -38,9 +38,9 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
+from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value
 
 aten = torch.ops.aten
@@ -61,7 +61,7 @@ class SplitContiguous(GraphPass):
             source_val = fake_value(source)
             if not isinstance(source_val, torch.Tensor) or not _aligned(source_val):
                 continue
-            mode = detect_fake_mode([source_val])
+            mode = compat.detect_fake_mode([source_val])
             updates: dict[fx.Node, object] = {}
             with mode:
                 accepted = _consumers_accept(copy, source_val, updates, _MAX_DEPTH)

@@ -68,6 +68,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from diffopt import compat
 from diffopt.graph_pass import (
     GraphPass,
     RewriteLog,
@@ -181,7 +182,7 @@ def _source_placeholders(graph: fx.Graph, declared: Sequence[str], params: bool)
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     if any(str(node.target).startswith("tangents") for node in placeholders):
         return []  # a backward graph: its inputs are saved activations and gradients
-    context = torch._guards.TracingContext.try_get()
+    context = compat.tracing_context()
     lifted = len(getattr(context, "params_flat", None) or []) if context is not None else 0
     sources = placeholders[:lifted] if params else []  # parameters AOT lifted itself
     graphargs = _dynamo_graphargs()
@@ -195,13 +196,7 @@ def _source_placeholders(graph: fx.Graph, declared: Sequence[str], params: bool)
 
 def _dynamo_graphargs() -> list[tuple[str, bool]] | None:
     """(source name, is a parameter/buffer) of each placeholder of the graph Dynamo is compiling."""
-    try:
-        from torch._dynamo import symbolic_convert
-
-        tx = getattr(symbolic_convert.tls, "current_tx", None)
-        graph = tx.output.graph if tx is not None else None
-    except Exception:
-        return None
+    graph = compat.dynamo_graph()
     if graph is None:
         return None
     out = []

@@ -133,6 +133,57 @@ def test_failing_pass_raises_when_strict(extra_passes, inputs):
         trace(packed_qkv_attention, *inputs, options={"strict": True})
 
 
+class MisorderingPass(GraphPass):
+    """Moves an op before its input and returns as if nothing happened (a buggy pass)."""
+
+    name = "misordering"
+    stage = Stage.POST_GRAD
+
+    def apply(self, graph, log):
+        calls = [n for n in graph.nodes if n.op == "call_function"]
+        user = next(n for n in calls if any(a in calls for a in n.all_input_nodes))
+        calls[0].prepend(user)
+
+
+class HalfLinkingPass(GraphPass):
+    """Records a use without the argument that makes it one (a buggy pass)."""
+
+    name = "half_linking"
+    stage = Stage.POST_GRAD
+
+    def apply(self, graph, log):
+        calls = [n for n in graph.nodes if n.op == "call_function"]
+        calls[0].users[calls[-1]] = None
+
+
+BROKEN_PASSES = [RaisingPass, MisorderingPass, HalfLinkingPass]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
+@pytest.mark.parametrize("broken", BROKEN_PASSES, ids=[cls.name for cls in BROKEN_PASSES])
+def test_a_broken_pass_is_rolled_back(broken, inductor, monkeypatch, inputs, caplog):
+    monkeypatch.setattr(diffopt.fxpasses, "PIPELINE", [broken, *diffopt.fxpasses.PIPELINE])
+    with caplog.at_level(logging.WARNING, logger="diffopt"):
+        result = trace(packed_qkv_attention, *inputs, options={"strict": False, "inductor": inductor})
+    torch.testing.assert_close(result.output, packed_qkv_attention(*inputs))
+    [failed] = result.report.failures()
+    assert failed.pass_name == broken.name and failed.matches == 0
+    assert any(r.levelno == logging.WARNING and broken.name in r.getMessage() for r in caplog.records)
+    # The graph after it is the graph before it: the next pass saw the stock graph and rewrote it.
+    code = [graph.python_code("self").src for graph in (result.before(broken.name), result.after(broken.name))]
+    assert code[0] == code[1]
+    assert result.report.matches("split_contiguous") == 3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("broken", BROKEN_PASSES, ids=[cls.name for cls in BROKEN_PASSES])
+def test_a_broken_pass_fails_the_compile_when_strict(broken, monkeypatch, inputs):
+    monkeypatch.setattr(diffopt.fxpasses, "PIPELINE", [broken, *diffopt.fxpasses.PIPELINE])
+    with pytest.raises(Exception, match=f"deliberate failure|pass {broken.name} left the graph inconsistent"):
+        trace(packed_qkv_attention, *inputs, options={"strict": True})
+
+
 @torch.no_grad()
 def test_pre_grad_passes_see_the_dynamo_graph(extra_passes, inputs):
     result = trace(packed_qkv_attention, *inputs, options={"passes": {"raising": False}})

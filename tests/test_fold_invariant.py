@@ -393,3 +393,20 @@ def test_inductor_fallback_kernel_reads_a_constant():
     report = diffopt.explain(biased_attention, q, k, v, options={"strict": True})
     assert report.matches(PASS) == 1
     torch.testing.assert_close(report.output, biased_attention(q, k, v))
+
+
+def test_a_folded_value_takes_the_strides_the_graph_recorded():
+    # A dense value evaluated with other strides than the graph's is copied into the graph's
+    # layout. (This is the call that raised on torch 2.13, which has no
+    # torch._prims_common.is_non_overlapping_and_dense: the pass was skipped.)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffopt.fxpasses.fold_invariant import _with_recorded_layout
+
+    value = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    with FakeTensorMode() as mode:
+        column_major = mode.from_tensor(torch.empty(4, 3).t())
+        broadcast = mode.from_tensor(torch.empty(3, 1).expand(3, 4))
+    out = _with_recorded_layout(value, column_major)
+    assert out.stride() == (1, 3) and torch.equal(out, value)
+    assert _with_recorded_layout(value, broadcast) is None  # an overlapping layout is no tensor of its own

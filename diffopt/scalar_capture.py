@@ -1,0 +1,210 @@
+"""Captured scalars: the Dynamo config diffopt traces under, and what keeps it from breaking programs.
+
+diffopt traces with ``torch._dynamo.config`` patched with :data:`DYNAMO_CONFIG`, today
+``capture_scalar_outputs=True``: ``t.item()`` (and ``int(t.flatten()[0].item())``,
+``t.cpu().item()``) is captured into the graph as ``aten._local_scalar_dense`` instead of
+breaking it, so the whole denoising step is one graph and the ``hoist_item`` pass can
+deduplicate, move or remove the device-to-host read. The patch is :func:`dynamo_config`, the
+backend's ``backend_ctx_ctor``, which Dynamo enters around tracing and running of every frame
+it compiles with this backend (nothing is set process-wide). ``torch.compile`` wraps every
+non-inductor backend in ``torch._TorchCompileWrapper``, which drops that attribute (torch 2.0
+to 2.13); :func:`install` has Dynamo's backend lookup carry it over when the backend inside
+the wrapper (by name, callable or ``functools.partial``) is diffopt's. Should torch have no
+such lookup, the config is set process-wide instead.
+
+Capturing must never turn a program that compiles with ``backend="inductor"`` into one that
+does not. Two things keep it so:
+
+- Integer reads. ``int(t.item())`` (``math.trunc``, ``math.floor``, ``math.ceil``, ``round``)
+  of a floating-point ``t`` is, captured, a symbol ``TruncToInt(zuf0)`` of a float symbol, and
+  Inductor's generated Python prints that expression where it needs a plain symbol (the
+  index of ``table[i]``, the start of a ``narrow``): ``NameError: name 'TruncToInt' is not
+  defined`` at the first call (torch 2.11 to 2.13). :func:`integer_reads` rewrites it, in the
+  Dynamo graph, into the read of an integer tensor, ``torch.trunc(t).to(torch.int64).item()``
+  (``floor``/``ceil``/``round`` alike; ``round`` is half-to-even in both): Python's number
+  wherever it fits int64. Beyond (NaN and infinities, where ``int()`` raises, and magnitudes
+  from 2**63, no index or size of any tensor) the cast's result is the platform's. ``hoist_item``
+  then treats it as any integer read: on the device where only tensor math uses it. Rounding
+  any other float expression (``int(t.item() * 1000)``) has no such exact tensor form: the
+  graph is refused with :class:`ScalarCaptureUnsupported`, and its frame is compiled again
+  without capture, as below.
+- Frames that do not trace. Captured, ``prefix_len = int(mask.sum())`` is an unbacked symbol,
+  and ``ids[:prefix_len].tolist()`` cannot be traced (``GuardOnDataDependentSymNode``: the
+  list's length depends on data); uncaptured, the read breaks the graph and the rest traces
+  with a real number. A frame that fails to compile with captured scalars (or whose graph was
+  refused) is compiled again with the user's Dynamo config, the one Inductor would trace it
+  with; where that works, the ``diffopt`` logger warns, naming the frame and the error, and
+  where it fails too, Dynamo handles that failure as it would with Inductor. Other frames keep
+  capturing. An error while compiling a graph that was captured (``BackendCompilerFailed``:
+  Inductor, or a diffopt pass under ``strict``) is not retried. This needs ``torch.compile``
+  without ``fullgraph`` (with it, a graph break is an error).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+from . import compat
+from .graph_pass import fake_value, source_line
+
+log = logging.getLogger("diffopt")
+
+DYNAMO_CONFIG: dict[str, Any] = {"capture_scalar_outputs": True}
+
+# The user's values of DYNAMO_CONFIG's keys while dynamo_config() replaces them (None otherwise).
+_user_config: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("diffopt_user_config", default=None)
+
+
+@contextlib.contextmanager
+def dynamo_config() -> Iterator[None]:
+    """Patches ``torch._dynamo.config`` with :data:`DYNAMO_CONFIG` (the backend's ``backend_ctx_ctor``).
+
+    Dynamo enters it on every call of a compiled frame, so it does the least it can: nothing
+    when the config already holds those values.
+    """
+    config = torch._dynamo.config
+    previous = {key: getattr(config, key) for key in DYNAMO_CONFIG}
+    if previous == DYNAMO_CONFIG:
+        yield
+        return
+    for key, value in DYNAMO_CONFIG.items():
+        setattr(config, key, value)
+    token = _user_config.set(previous)
+    try:
+        yield
+    finally:
+        _user_config.reset(token)
+        for key, value in previous.items():
+            setattr(config, key, value)
+
+
+class ScalarCaptureUnsupported(RuntimeError):
+    """A captured graph Inductor is known to mishandle; its frame is compiled without capture."""
+
+
+def compile_frame(code: Any, convert: Callable[[], Any]) -> Any:
+    """Convert one frame Dynamo compiles with diffopt: with captured scalars, or else as Inductor would."""
+    user_config = _user_config.get()
+    if user_config is None:  # capturing is the user's own setting (or off): nothing to undo
+        return convert()
+    try:
+        return convert()
+    except compat.BackendCompilerFailed as error:
+        cause = getattr(error, "inner_exception", None) or error.__cause__
+        if not isinstance(cause, ScalarCaptureUnsupported):
+            raise
+        failure: Exception = cause
+    except Exception as error:
+        failure = error
+    with torch._dynamo.config.patch(user_config):
+        converted = convert()  # what this raises, Inductor would have raised too: no warning then
+    log.warning(
+        "diffopt: %s (%s:%d) does not compile with captured scalars (%s: %s); compiled as Inductor does, with %s",
+        code.co_name,
+        os.path.basename(code.co_filename),
+        code.co_firstlineno,
+        type(failure).__name__,
+        (str(failure).strip().splitlines() or [""])[0],
+        ", ".join(f"{key}={value}" for key, value in user_config.items()),
+    )
+    return converted
+
+
+# --- integer reads ------------------------------------------------------------------------------
+
+# Python's rounding of a float -> the same rounding on a tensor (``round`` is half-to-even in both).
+_ROUNDINGS: dict[Any, Callable[..., torch.Tensor]] = {
+    torch.sym_int: torch.trunc,
+    int: torch.trunc,
+    math.trunc: torch.trunc,
+    math.floor: torch.floor,
+    math.ceil: torch.ceil,
+    round: torch.round,
+}
+
+
+def integer_reads(gm: fx.GraphModule) -> None:
+    """Rewrite ``int(t.item())`` of a float ``t`` into ``torch.trunc(t).to(torch.int64).item()``
+    in a Dynamo graph (and the other roundings alike); refuse the graph where another rounding
+    of a captured float remains."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        rounding = _rounding(node)
+        read = node.args[0] if rounding is not None else None
+        if not _float_read(read):
+            continue
+        tensor = read.args[0]
+        with graph.inserting_before(node):
+            rounded = graph.call_function(rounding, (tensor,))
+            integer = graph.call_method("to", (rounded, torch.int64))
+            integer_read = graph.call_method("item", (integer,))
+        origin = {key: node.meta[key] for key in ("stack_trace", "nn_module_stack", "source_fn_stack") if key in node.meta}
+        for new in (rounded, integer, integer_read):
+            new.meta.update(origin)
+        mode = getattr(fake_value(tensor), "fake_mode", None)  # the mode of Dynamo's example values
+        if mode is not None:
+            with mode:
+                rounded.meta["example_value"] = rounding(fake_value(tensor))
+                integer.meta["example_value"] = rounded.meta["example_value"].to(torch.int64)
+        if "example_value" in node.meta:
+            integer_read.meta["example_value"] = node.meta["example_value"]
+        node.replace_all_uses_with(integer_read)
+        graph.erase_node(node)
+        if not read.users:
+            graph.erase_node(read)
+    for node in graph.nodes:
+        value = fake_value(node.args[0]) if _rounding(node) is not None else None
+        if isinstance(value, torch.SymFloat) and free_unbacked_symbols(value):
+            raise ScalarCaptureUnsupported(
+                f"{source_line(node) or node.name}: rounds a float computed from captured .item() reads "
+                f"({value}) to an integer, an expression Inductor's generated code cannot evaluate"
+            )
+
+
+def _rounding(node: fx.Node) -> Callable[..., torch.Tensor] | None:
+    """The tensor rounding that equals ``node``'s rounding of one Python float to an int, or None."""
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    if node.op == "call_method" and node.target == "__round__":
+        return torch.round
+    if node.op != "call_function":
+        return None
+    try:
+        return _ROUNDINGS.get(node.target)
+    except TypeError:  # an unhashable target
+        return None
+
+
+def _float_read(node: Any) -> bool:
+    """Whether ``node`` is ``t.item()`` of a floating-point tensor."""
+    if not isinstance(node, fx.Node) or node.op != "call_method" or node.target != "item" or len(node.args) != 1:
+        return False
+    value = fake_value(node.args[0])
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+# --- installation ---------------------------------------------------------------------------------
+
+
+def install(is_diffopt: Callable[[Any], bool]) -> None:
+    """Give diffopt's backends :func:`dynamo_config` and :func:`compile_frame` (see the module docstring)."""
+
+    def carry(requested: Any, backend: Any) -> None:
+        if getattr(backend, "backend_ctx_ctor", None) is None and is_diffopt(requested):
+            backend.backend_ctx_ctor = dynamo_config
+
+    if not compat.wrap_backend_lookup(carry):
+        log.info("diffopt: setting torch._dynamo.config %s process-wide", DYNAMO_CONFIG)
+        for key, value in DYNAMO_CONFIG.items():
+            setattr(torch._dynamo.config, key, value)
+        return
+    compat.intercept_frame_conversion(lambda backend: getattr(backend, "backend_ctx_ctor", None) is dynamo_config, compile_frame)

@@ -1,0 +1,271 @@
+"""Captured scalars never turn a program Inductor compiles into one that crashes or does not compile.
+
+Float timesteps read as integers (``int(t.item())`` and the other roundings) become integer
+reads; a frame that does not trace with captured scalars (``.tolist()`` of a slice whose length
+is a captured number) compiles as Inductor compiles it, with a warning; other frames keep
+capturing."""
+import functools
+import logging
+import math
+
+import pytest
+import torch
+
+import diffopt
+import diffopt.backend
+import diffopt.fxpasses
+from diffopt import scalar_capture
+from diffopt.backend import diffopt_backend
+from diffopt.graph_pass import GraphPass, Stage
+
+READ = "aten::_local_scalar_dense"
+
+
+def run_time_reads(fn, *args):
+    """Output of ``fn(*args)`` and how many ``_local_scalar_dense`` ran (device-to-host reads on GPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn(*args)
+    return out, sum(event.name == READ for event in prof.events())
+
+
+def graph_breaks():
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+@pytest.fixture
+def tables():
+    g = torch.Generator().manual_seed(13)
+    return torch.randn(7, generator=g) + 2, torch.randn(1000, 7, generator=g)
+
+
+# Timesteps as diffusers schedulers make them (float32, fractional, integral), negative ones
+# (Python indexing from the end), and .5 cases (round() is half-to-even).
+TIMESTEPS = [998.7, 0.25, 3.0, -3.7, 2.5, 3.5, 487.5]
+
+
+def int_form(x, t, table):
+    return x * table[int(t.flatten()[0].item())]
+
+
+def trunc_form(x, t, table):
+    return x * table[math.trunc(t.item())]
+
+
+def floor_form(x, t, table):
+    return x * table[math.floor(t.item())]
+
+
+def ceil_form(x, t, table):
+    return x * table[math.ceil(t.item())]
+
+
+def round_form(x, t, table):
+    return x * table[round(t.item())]
+
+
+def narrow_form(x, t, table):
+    # the number as a slice start (a host decision) and as a plain float next to it
+    return table.narrow(0, int(t.item()), 2).sum(0) * t.item()
+
+
+FORMS = [int_form, trunc_form, floor_form, ceil_form, round_form, narrow_form]
+
+
+def compiled(fn, **options):
+    return torch.compile(fn, backend=functools.partial(diffopt_backend, options={"strict": True, **options}))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
+@pytest.mark.parametrize("form", FORMS, ids=[f.__name__ for f in FORMS])
+def test_float_timesteps_read_as_integers(form, inductor, tables):
+    # Before: NameError: name 'TruncToInt' is not defined (FloorToInt, CeilToInt, RoundToInt)
+    # at the first call with Inductor, for every one of these forms.
+    x, table = tables
+    torch._dynamo.utils.counters.clear()
+    fn = compiled(form, inductor=inductor)
+    for value in TIMESTEPS:
+        t = torch.tensor([value])
+        torch.testing.assert_close(fn(x, t, table), form(x, t, table), rtol=0, atol=0)
+    assert graph_breaks() == 0  # captured: one graph for every timestep
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "passes", [{"hoist_item": {"select_on_device": False}}, {"hoist_item": False}], ids=["host-select", "no-hoist"]
+)
+def test_float_timesteps_without_the_on_device_gather(passes, tables):
+    x, table = tables
+    fn = compiled(int_form, passes=passes)
+    for value in TIMESTEPS:
+        t = torch.tensor([value])
+        torch.testing.assert_close(fn(x, t, table), int_form(x, t, table), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_float_timestep_index_needs_no_read(tables):
+    # The integer read is one hoist_item moves onto the device, as it does an integer timestep's.
+    x, table = tables
+    t = torch.tensor([999.7])
+    fn = compiled(int_form)
+    fn(x, t, table)
+    out, reads = run_time_reads(fn, x, t, table)
+    torch.testing.assert_close(out, int_form(x, t, table), rtol=0, atol=0)
+    assert reads == 0
+    # bf16 timesteps alike (the number is the bf16 value's)
+    t16 = torch.tensor([487.5], dtype=torch.bfloat16)
+    torch.testing.assert_close(fn(x, t16, table), int_form(x, t16, table), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("form", [int_form, round_form, narrow_form], ids=lambda f: f.__name__)
+def test_float_timesteps_on_cuda(form):
+    g = torch.Generator(device="cuda").manual_seed(13)
+    x, table = torch.randn(7, device="cuda", generator=g), torch.randn(1000, 7, device="cuda", generator=g)
+    fn = compiled(form)
+    for value in TIMESTEPS:
+        t = torch.tensor([value], device="cuda")
+        torch.testing.assert_close(fn(x, t, table), form(x, t, table), rtol=0, atol=0)
+
+
+def cfg_step(x, t):
+    # Three blocks read the same float timestep element through different views; the number
+    # decides slices (host decisions), so one read stays.
+    cond = (x * 2).sin()[: int(t.flatten()[0].item())].sum()
+    uncond = (x * 3).cos()[: int(t.reshape(1, 2)[0, 0].item())].sum()
+    again = x[: int(t.unsqueeze(0).expand(3, 2)[2, 0].item())].sum()
+    return cond + uncond + again
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
+def test_float_timestep_reads_of_one_element_are_one_read(inductor):
+    x = torch.randn(10, generator=torch.Generator().manual_seed(5))
+    fn = compiled(cfg_step, inductor=inductor)
+    for value in (5.7, 2.0, 8.5):
+        t = torch.tensor([value, 1.5])
+        fn(x, t)
+        out, reads = run_time_reads(fn, x, t)
+        torch.testing.assert_close(out, cfg_step(x, t))
+        assert reads == 1
+
+
+def scaled_form(x, t, table):
+    # The rounding of a computed float: no exact tensor form, so this frame is not captured.
+    return x * table[int(t.item() * 100) // 100]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
+def test_other_float_roundings_compile_without_capture(inductor, tables, caplog):
+    x, table = tables
+    with caplog.at_level(logging.WARNING, logger="diffopt"):
+        fn = torch.compile(scaled_form, backend="diffopt", options={"inductor": inductor})
+        for value in (999.7, 3.0, -3.7):
+            t = torch.tensor([value])
+            torch.testing.assert_close(fn(x, t, table), scaled_form(x, t, table), rtol=0, atol=0)
+    [warning] = [r.getMessage() for r in caplog.records if "scaled_form" in r.getMessage()]
+    assert "ScalarCaptureUnsupported" in warning and "capture_scalar_outputs=False" in warning
+
+
+# --- frames that do not trace with captured scalars ---------------------------------------------
+
+
+def prefix_segments(image_ids, prefix_len):
+    # diffusers' QwenImage 2.1 (``_qwenimage21_prefix_segments``): runs of equal image ids.
+    prefix_ids = image_ids[:prefix_len].tolist()
+    segments, start = [], 0
+    for index in range(1, prefix_len + 1):
+        if index == prefix_len or prefix_ids[index] != prefix_ids[start]:
+            segments.append((start, index, prefix_ids[start] < 0))
+            start = index
+    return segments
+
+
+class PrefixModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x, image_ids, target_mask):
+        prefix_len = int((~target_mask).sum())
+        out = self.proj(x[prefix_len:])
+        for start, end, is_text in prefix_segments(image_ids, prefix_len):
+            out = out + x[start:end].mean(0) * (2.0 if is_text else 0.5)
+        return out
+
+
+@pytest.fixture
+def prefix_inputs():
+    g = torch.Generator().manual_seed(4)
+    ids = torch.tensor([-1, -1, 0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3])
+    return torch.randn(16, 8, generator=g), ids, torch.arange(16) >= 9
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
+def test_tolist_of_a_captured_length_compiles(inductor, prefix_inputs, caplog):
+    # Before: GuardOnDataDependentSymNode (backend="inductor" compiles it).
+    model = PrefixModel()
+    with caplog.at_level(logging.WARNING, logger="diffopt"):
+        out = torch.compile(model, backend="diffopt", options={"inductor": inductor})(*prefix_inputs)
+    torch.testing.assert_close(out, model(*prefix_inputs))
+    warnings = [r.getMessage() for r in caplog.records if "does not compile with captured scalars" in r.getMessage()]
+    assert any("forward" in w and "GuardOnDataDependentSymNode" in w for w in warnings), warnings
+    # Another input (other ids, another prefix length) runs right too.
+    ids = torch.tensor([-1, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 3])
+    mask = torch.arange(16) >= 12
+    torch.testing.assert_close(
+        torch.compile(model, backend="diffopt", options={"inductor": inductor})(prefix_inputs[0], ids, mask),
+        model(prefix_inputs[0], ids, mask),
+    )
+
+
+def timestep_step(x, t, table):
+    return (x * table[int(t.flatten()[0].item())]).sin()
+
+
+@torch.no_grad()
+def test_other_frames_keep_capturing(prefix_inputs, tables, caplog):
+    # The frame that needs it compiles without capture; a frame whose .item() traces stays whole.
+    model = PrefixModel()
+    x, table = tables
+    with caplog.at_level(logging.WARNING, logger="diffopt"):
+        torch.compile(model, backend="diffopt")(*prefix_inputs)
+        torch._dynamo.utils.counters.clear()
+        out = torch.compile(timestep_step, backend="diffopt")(x, torch.tensor([7.0]), table)
+    torch.testing.assert_close(out, timestep_step(x, torch.tensor([7.0]), table))
+    assert graph_breaks() == 0
+    assert not [r for r in caplog.records if "timestep_step" in r.getMessage()]
+    assert torch._dynamo.config.capture_scalar_outputs is False  # nothing left set process-wide
+
+
+class RaisingPass(GraphPass):
+    name = "raising"
+    stage = Stage.POST_GRAD
+
+    def apply(self, graph, log):
+        raise RuntimeError("deliberate failure")
+
+
+@torch.no_grad()
+def test_a_failing_compile_is_not_retried_without_capture(monkeypatch, tables):
+    # A captured graph whose compile fails (here: a pass under strict) fails; it is not hidden
+    # by compiling the frame again uncaptured.
+    monkeypatch.setattr(diffopt.fxpasses, "PIPELINE", [RaisingPass, *diffopt.fxpasses.PIPELINE])
+    x, table = tables
+    fn = torch.compile(timestep_step, backend="diffopt", options={"strict": True, "inductor": False})
+    with pytest.raises(Exception, match="deliberate failure"):
+        fn(x, torch.tensor([7.0]), table)
+
+
+def test_the_dynamo_hooks_are_installed_once():
+    # Importing diffopt.backend wrapped both; installing again replaces the wrapper, never stacks it.
+    from torch._dynamo import convert_frame, eval_frame
+
+    lookups, factories = eval_frame.get_compiler_fn, convert_frame.convert_frame
+    assert lookups._diffopt_original is not lookups and factories._diffopt_original is not factories
+    scalar_capture.install(diffopt.backend._wrapped_diffopt)
+    assert eval_frame.get_compiler_fn._diffopt_original is lookups._diffopt_original
+    assert convert_frame.convert_frame._diffopt_original is factories._diffopt_original
