@@ -47,6 +47,8 @@ PRIVATE: dict[str, tuple[tuple[str, str], ...]] = {
     "dynamo_graph": (("torch._dynamo.symbolic_convert", "tls"),),
     "wrap_backend_lookup": (("torch._dynamo.eval_frame", "get_compiler_fn"),),
     "intercept_frame_conversion": (("torch._dynamo.convert_frame", "convert_frame"),),
+    "triton_kernel_functional": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_functional"),),
+    "triton_kernel_mutation": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_mutation"),),
     "resolve_process_group": (("torch.distributed.distributed_c10d", "_resolve_process_group"),),
     "process_groups": (("torch.distributed.distributed_c10d", "_world"),),
 }
@@ -93,6 +95,12 @@ def aot_autograd(**kwargs: Any) -> Callable[..., Any]:
 
 
 CustomGraphPass: type = _lookup("CustomGraphPass")  # the base class of an Inductor post-grad pass
+
+
+def triton_kernel_nodes() -> tuple[Any, Any]:
+    """(functional, mutating) higher-order ops of a user-defined Triton kernel launch in a graph
+    (what ``torch.library.wrap_triton`` traces to; Inductor lowers them as its own kernels)."""
+    return _required("triton_kernel_functional"), _required("triton_kernel_mutation")
 
 
 # --- fake tensors and dispatch modes -------------------------------------------------------------

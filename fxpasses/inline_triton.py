@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value
 
 
@@ -136,12 +136,9 @@ def _trace(launch: _Launch, node: fx.Node, arg_nodes: list[fx.Node], in_place: t
     """The launch traced with make_fx (decomposed as Inductor's post-grad graphs are), its kernel call made
     functional: the kernel writes only its outputs, so those are the tensors to clone, and Inductor's
     reinplacing drops each clone whose buffer nothing else reads (a fresh buffer, or an input owned here)."""
-    from torch._higher_order_ops.triton_kernel_wrap import (
-        triton_kernel_wrapper_functional,
-        triton_kernel_wrapper_mutation,
-    )
-    from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    triton_kernel_wrapper_functional, triton_kernel_wrapper_mutation = compat.triton_kernel_nodes()
 
     layout = [isinstance(a, fx.Node) for a in node.args]
     constants = [a for a in node.args if not isinstance(a, fx.Node)]
@@ -152,8 +149,8 @@ def _trace(launch: _Launch, node: fx.Node, arg_nodes: list[fx.Node], in_place: t
         return launch.trace(*args, **node.kwargs, in_place=in_place)
 
     fakes = [fake_value(a) for a in arg_nodes]
-    with detect_fake_mode(fakes) or contextlib.nullcontext():
-        traced = make_fx(call, select_decomp_table())(*fakes)
+    with compat.detect_fake_mode(fakes) or contextlib.nullcontext():
+        traced = make_fx(call, compat.inductor_decompositions())(*fakes)
         graph = traced.graph
         (launch_node,) = [n for n in graph.nodes if n.target is triton_kernel_wrapper_mutation]
         params = launch_node.kwargs["kwargs"]
