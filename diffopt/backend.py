@@ -52,6 +52,9 @@ def diffopt_backend(
     import diffopt.kernels  # noqa: F401  (registers torch.ops.diffopt.* before any pass inserts them)
 
     parsed = Options.parse(options, registered_passes())
+    if mode and parsed.mode and mode != parsed.mode:
+        raise ValueError(f"diffopt: mode={mode!r} and options['mode']={parsed.mode!r} disagree")
+    mode = mode or parsed.mode
     pipeline = Pipeline(parsed)
     graph_name = f"graph {next(_graph_ids)}"
 
@@ -63,7 +66,7 @@ def diffopt_backend(
         return _compile_without_inductor(gm, example_inputs, pipeline, graph_name)
 
     config_patches = {
-        **(compat.mode_options(mode) if mode else {}),
+        **(compat.mode_options(mode) if mode and mode != "default" else {}),
         **(COMMUNICATION_CONFIG if _has_collectives(gm) else {}),
         **dict(parsed.inductor_config),
         "post_grad_custom_post_pass": PostGradPasses(pipeline, graph_name),
@@ -110,4 +113,18 @@ def _wrapped_diffopt(backend: Any) -> bool:
     return False
 
 
-scalar_capture.install(_wrapped_diffopt)
+def _check_options(requested: Any) -> None:
+    """Parse the options ``torch.compile`` was given for a diffopt backend, so that a bad option fails at
+    ``torch.compile(...)`` with diffopt's own error (``torch.compile`` keeps them as ``kwargs`` of its
+    wrapper; a ``functools.partial`` carries them as ``keywords``)."""
+    for _ in range(8):
+        kwargs = getattr(requested, "kwargs", None) or getattr(requested, "keywords", None)
+        if isinstance(kwargs, Mapping) and "options" in kwargs:
+            Options.parse(kwargs["options"], registered_passes())
+            return
+        requested = getattr(requested, "compiler_fn", None) or getattr(requested, "func", None)
+        if requested is None:
+            return
+
+
+scalar_capture.install(_wrapped_diffopt, _check_options)

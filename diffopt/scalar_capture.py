@@ -195,11 +195,15 @@ def _float_read(node: Any) -> bool:
 # --- installation ---------------------------------------------------------------------------------
 
 
-def install(is_diffopt: Callable[[Any], bool]) -> None:
-    """Give diffopt's backends :func:`dynamo_config` and :func:`compile_frame` (see the module docstring)."""
+def install(is_diffopt: Callable[[Any], bool], on_compile: Callable[[Any], None] = lambda requested: None) -> None:
+    """Give diffopt's backends :func:`dynamo_config` and :func:`compile_frame` (see the module docstring).
+    ``on_compile(requested)`` runs when ``torch.compile`` is given a diffopt backend (before any tracing)."""
 
     def carry(requested: Any, backend: Any) -> None:
-        if getattr(backend, "backend_ctx_ctor", None) is None and is_diffopt(requested):
+        if not is_diffopt(requested):
+            return
+        on_compile(requested)
+        if getattr(backend, "backend_ctx_ctor", None) is None:
             backend.backend_ctx_ctor = dynamo_config
 
     if not compat.wrap_backend_lookup(carry):

@@ -258,3 +258,16 @@ def test_every_pass_documents_its_forms():
         doc = sys.modules[cls.__module__].__doc__ or ""
         for heading in ("Stock form", "Optimized form", "Preconditions"):
             assert heading in doc, (cls.name, heading)
+
+
+def test_a_bad_option_fails_at_torch_compile():
+    # diffopt's own error, raised by torch.compile(...) itself rather than wrapped at the first call
+    with pytest.raises(TypeError, match="diffopt: option 'strict' must be True or False"):
+        torch.compile(torch.nn.Linear(2, 2), backend="diffopt", options={"strict": "yes"})
+
+
+def test_mode_and_options_together(inputs):
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    compiled = torch.compile(model, backend="diffopt", options={"mode": "max-autotune-no-cudagraphs", "strict": True})
+    torch.testing.assert_close(compiled(x), model(x))
