@@ -266,7 +266,7 @@ def test_a_bad_option_fails_at_torch_compile():
         torch.compile(torch.nn.Linear(2, 2), backend="diffopt", options={"strict": "yes"})
 
 
-def test_mode_and_options_together(inputs):
+def test_mode_and_options_together():
     model = torch.nn.Linear(4, 3)
     x = torch.randn(5, 4)
     compiled = torch.compile(model, backend="diffopt", options={"mode": "max-autotune-no-cudagraphs", "strict": True})
