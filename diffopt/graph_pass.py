@@ -35,16 +35,22 @@ class Stage(enum.Enum):
 
 
 class RewriteLog:
-    """Collects what one pass rewrote in one graph."""
+    """Collects what one pass rewrote in one graph, and what it decided where it did not."""
 
     def __init__(self) -> None:
         self.entries: list[dict[str, str]] = []
+        self.notes: list[dict[str, str]] = []
 
     def add(self, anchor: fx.Node, replaced: str, by: str) -> None:
         """Record one rewrite; ``anchor`` is a node of the stock code it replaced."""
         self.entries.append(
             {"module": module_path(anchor), "source": source_line(anchor), "replaced": replaced, "by": by}
         )
+
+    def note(self, anchor: fx.Node, text: str) -> None:
+        """Record a decision at ``anchor`` that ``explain`` shows: why a match was left stock, or
+        what was measured to choose a rewrite."""
+        self.notes.append({"module": module_path(anchor), "source": source_line(anchor), "text": text})
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -92,6 +98,19 @@ def is_pure(target: Any) -> bool:
         return False
     excluded = {torch.Tag.nondeterministic_seeded, torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape}
     return not target._schema.is_mutable and not excluded.intersection(target.tags)
+
+
+def call_arguments(node: fx.Node) -> dict[str, Any]:
+    """An OpOverload call's arguments by their schema names, defaults filled in."""
+    values: dict[str, Any] = {}
+    for index, argument in enumerate(node.target._schema.arguments):
+        if index < len(node.args) and not argument.kwarg_only:
+            values[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            values[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            values[argument.name] = argument.default_value
+    return values
 
 
 def fake_value(node: Any) -> Any:

@@ -14,7 +14,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from . import __version__
 from .graph_pass import GraphPass, RewriteLog, Stage
 from .options import Options
-from .report import PassRun, Rewrite, record
+from .report import Note, PassRun, Rewrite, record
 
 
 def registered_passes() -> dict[str, type[GraphPass]]:
@@ -62,7 +62,11 @@ class Pipeline:
         for observer in _observers.get():
             observer(graph_pass.name, graph_name, snapshot, _copy(graph))
         run = PassRun(graph_pass.name, graph_pass.stage.value, graph_name, len(log), time.perf_counter() - start, error)
-        record(run, [Rewrite(graph_pass.name, graph_name, **entry) for entry in log.entries])
+        record(
+            run,
+            [Rewrite(graph_pass.name, graph_name, **entry) for entry in log.entries],
+            [Note(graph_pass.name, graph_name, **note) for note in log.notes],
+        )
 
 
 # (pass name, graph name, graph before the pass, graph after it)

@@ -13,6 +13,7 @@ from .pipeline_heads import PipelineHeads
 from .batch_all_to_all import BatchAllToAll
 from .padded_buffer import PaddedBuffer
 from .fold_gathers import FoldGathers
+from .attention import Attention
 
 PIPELINE = [
     UlyssesPrefix,
@@ -26,4 +27,6 @@ PIPELINE = [
     UnflattenAllToAll,
     PipelineHeads,
     BatchAllToAll,
+    # last: the passes above match ATen's SDPA ops, which this one replaces
+    Attention,
 ]
