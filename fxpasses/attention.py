@@ -136,7 +136,7 @@ class Attention(GraphPass):
         candidates = []
         for name in names:
             why = kernels.backend_unavailable(name, device) or kernels.backend_unsupported(
-                name, q.dtype, int(q.shape[-1]), int(v.shape[-1])
+                name, q.dtype, int(q.shape[-1]), int(v.shape[-1]), grouped=q.shape[1] != k.shape[1]
             )
             if why:
                 out[name] = why

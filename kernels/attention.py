@@ -108,12 +108,14 @@ def backend_unavailable(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def backend_unsupported(backend: str, dtype: torch.dtype, head_dim: int, head_dim_v: int) -> str | None:
+def backend_unsupported(backend: str, dtype: torch.dtype, head_dim: int, head_dim_v: int, grouped: bool) -> str | None:
     """Why ``backend``'s kernel does not take this problem (None: it may; a kernel can still fail
-    on it, which the caller sees when it runs)."""
+    on it, which the caller sees when it runs). ``grouped``: fewer key/value heads than query heads."""
     _check_backend(backend)
     if dtype not in _DTYPES[backend]:
         return f"takes {'/'.join(str(d).removeprefix('torch.') for d in _DTYPES[backend])} only"
+    if grouped and backend == "sdpa_efficient":  # SDPA never sends grouped-query attention there
+        return "no grouped-query attention"
     if backend.startswith("flashinfer") and (head_dim != head_dim_v or head_dim not in _FLASHINFER_HEAD_DIMS):
         return f"head dims {'/'.join(map(str, _FLASHINFER_HEAD_DIMS))} only"
     return None
