@@ -104,7 +104,7 @@ def call_arguments(node: fx.Node) -> dict[str, Any]:
     """An OpOverload call's arguments by their schema names, defaults filled in."""
     values: dict[str, Any] = {}
     for index, argument in enumerate(node.target._schema.arguments):
-        if index < len(node.args) and not argument.kwarg_only:
+        if index < len(node.args):
             values[argument.name] = node.args[index]
         elif argument.name in node.kwargs:
             values[argument.name] = node.kwargs[argument.name]

@@ -117,7 +117,7 @@ def collecting(report: Report) -> Iterator[Report]:
         _active.reset(token)
 
 
-def record(run: PassRun, rewrites: Sequence[Rewrite], notes: Sequence[Note] = ()) -> None:
+def record(run: PassRun, rewrites: Sequence[Rewrite], notes: Sequence[Note]) -> None:
     if run.error:
         log.warning("diffopt: pass %s raised on %s and was skipped: %s", run.pass_name, run.graph, run.error)
     log.info("diffopt: %s %s %s: %d rewrite(s) in %.1f ms", run.graph, run.stage, run.pass_name, run.matches, run.seconds * 1e3)

@@ -132,20 +132,7 @@ class Attention(GraphPass):
         shapes = f"q {_dims(q)} k {_dims(k)} v {_dims(v)} {str(q.dtype).removeprefix('torch.')}"
         forced = self.config["backend"]
         names = [forced] if forced else [name for name in kernels.BACKENDS if name != call.own_kernel]
-        out: dict[str, str] = {}
-        candidates = []
-        for name in names:
-            why = kernels.backend_unavailable(name, device) or kernels.backend_unsupported(
-                name, q.dtype, int(q.shape[-1]), int(v.shape[-1]), grouped=q.shape[1] != k.shape[1]
-            )
-            if why:
-                out[name] = why
-            else:
-                candidates.append(name)
-        grouped: dict[str, list[str]] = {}
-        for name, why in out.items():
-            grouped.setdefault(why, []).append(name)
-        not_candidates = "; ".join(f"{', '.join(group)}: {why}" for why, group in grouped.items())
+        candidates, not_candidates = _candidates(names, call, device)
         if not candidates:
             return None, f"{shapes}: no candidate ({not_candidates})"
         if forced:
@@ -162,9 +149,24 @@ class Attention(GraphPass):
         if digest not in decided:
             with real_mode():
                 selection = autotune.select(key, lambda: _runs(call, candidates), timer, f"attention {shapes}")
-            text = f"{shapes}: {selection.summary()}" + (f"; not candidates ({not_candidates})" if out else "")
+            text = f"{shapes}: {selection.summary()}" + (f"; not candidates ({not_candidates})" if not_candidates else "")
             decided[digest] = (selection.choice, text)
         return decided[digest]
+
+
+def _candidates(names: list[str], call: _Call, device: torch.device) -> tuple[list[str], str]:
+    """The backends among ``names`` that may run ``call``, and why the others may not."""
+    q, k, v = call.fakes
+    candidates, why_not = [], {}
+    for name in names:
+        why = kernels.backend_unavailable(name, device) or kernels.backend_unsupported(
+            name, q.dtype, int(q.shape[-1]), int(v.shape[-1]), grouped=q.shape[1] != k.shape[1]
+        )
+        if why:
+            why_not.setdefault(why, []).append(name)
+        else:
+            candidates.append(name)
+    return candidates, "; ".join(f"{', '.join(group)}: {why}" for why, group in why_not.items())
 
 
 # --- the match -------------------------------------------------------------------------

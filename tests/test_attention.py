@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import functools
 import math
 
 import pytest
@@ -610,12 +611,22 @@ def test_gpu_flashinfer_under_cuda_graphs(backend):
         k, v = (t.unflatten(-1, (2, 128)).transpose(1, 2) for t in (context, context.flip(-1)))
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
-    compiled = torch.compile(stock, backend="diffopt", mode="reduce-overhead",
-                             options={"strict": True, "passes": {"attention": {"backend": backend}}})
-    with torch.no_grad():
-        for step in range(3):
+    # torch.compile takes mode or options, not both: the backend gets both itself
+    compiled = torch.compile(stock, backend=functools.partial(
+        diffopt.diffopt_backend, mode="reduce-overhead",
+        options={"strict": True, "passes": {"attention": {"backend": backend}}}))
+    from torch._dynamo.utils import counters
+
+    from diffopt.report import Report, collecting
+
+    counters.clear()
+    report = Report()
+    with torch.no_grad(), collecting(report), torch._inductor.config.patch(fx_graph_cache=False):
+        for step in range(3):  # warm-up, capture, replay
             got = compiled(x * (1 + step), context).clone()
             assert autotune.mismatch(got, stock(x * (1 + step), context)) is None
+    assert [r.by for r in report.rewrites] == [f"diffopt.attention[{backend}]"]
+    assert counters["inductor"]["cudagraph_skips"] == 0
 
 
 @gpu
