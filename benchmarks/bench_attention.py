@@ -170,11 +170,13 @@ def main() -> int:
             compiled = torch.compile(stock, backend="diffopt", fullgraph=True, options=diffopt_options)
             with collecting(report):
                 compiled(q, k, v)
-            entry["diffopt_choice"] = [r.by for r in report.rewrites if r.pass_name == "attention"] or ["stock"]
-            entry["diffopt_notes"] = [n.text for n in report.notes if n.pass_name == "attention"]
+            rewrites = [r.by for r in report.rewrites if r.pass_name == "attention"]
+            entry["diffopt_choice"] = [by.removeprefix("diffopt.attention[").split("]")[0] for by in rewrites] or ["stock"]
+            # per call: the measurements and the choice (a rewrite), or why the call stayed stock
+            entry["diffopt_notes"] = rewrites + [d.reason for d in report.declines if d.pass_name == "attention"]
             record("diffopt", lambda: compiled(q, k, v).transpose(1, 2))
             for text in entry["diffopt_notes"]:
-                print(f"{label:22s} diffopt chose: {text}", flush=True)
+                print(f"{label:22s} diffopt: {text}", flush=True)
 
             results["shapes"][label] = entry
             save()
@@ -190,7 +192,7 @@ def main() -> int:
         for column in columns:
             row = entry["candidates"].get(column, {})
             cells.append(f"{row['ms']:.2f} ({row['tflops']:.0f}) [{row.get('max_abs_err', 0):.1e}]" if "ms" in row else "failed")
-        chose = ", ".join(c.removeprefix("diffopt.attention[").removesuffix("]") for c in entry["diffopt_choice"])
+        chose = ", ".join(entry["diffopt_choice"])
         print(f"{label:22s} " + " ".join(f"{cell:>22s}" for cell in cells) + f"  {chose}")
     print(f"\nwrote {save()}")
     return 0

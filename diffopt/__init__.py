@@ -8,6 +8,6 @@ __version__ = "0.1.0"
 from .backend import diffopt_backend  # noqa: E402
 from .explain import explain  # noqa: E402
 from .options import Options  # noqa: E402
-from .report import Note, Report, Rewrite  # noqa: E402
+from .report import Report, Rewrite  # noqa: E402
 
-__all__ = ["diffopt_backend", "explain", "Note", "Options", "Report", "Rewrite", "__version__"]
+__all__ = ["diffopt_backend", "explain", "Options", "Report", "Rewrite", "__version__"]

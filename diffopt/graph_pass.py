@@ -35,11 +35,11 @@ class Stage(enum.Enum):
 
 
 class RewriteLog:
-    """Collects what one pass rewrote in one graph, and what it decided where it did not."""
+    """Collects what one pass rewrote in one graph."""
 
     def __init__(self) -> None:
         self.entries: list[dict[str, str]] = []
-        self.notes: list[dict[str, str]] = []
+        self.declines: list[dict[str, str]] = []
 
     def add(self, anchor: fx.Node, replaced: str, by: str) -> None:
         """Record one rewrite; ``anchor`` is a node of the stock code it replaced."""
@@ -47,10 +47,9 @@ class RewriteLog:
             {"module": module_path(anchor), "source": source_line(anchor), "replaced": replaced, "by": by}
         )
 
-    def note(self, anchor: fx.Node, text: str) -> None:
-        """Record a decision at ``anchor`` that ``explain`` shows: why a match was left stock, or
-        what was measured to choose a rewrite."""
-        self.notes.append({"module": module_path(anchor), "source": source_line(anchor), "text": text})
+    def decline(self, anchor: fx.Node, reason: str) -> None:
+        """Record a stock form that was found but left as it is, and why (shown by ``explain``)."""
+        self.declines.append({"module": module_path(anchor), "source": source_line(anchor), "reason": reason})
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -100,17 +99,16 @@ def is_pure(target: Any) -> bool:
     return not target._schema.is_mutable and not excluded.intersection(target.tags)
 
 
-def call_arguments(node: fx.Node) -> dict[str, Any]:
-    """An OpOverload call's arguments by their schema names, defaults filled in."""
-    values: dict[str, Any] = {}
-    for index, argument in enumerate(node.target._schema.arguments):
-        if index < len(node.args):
-            values[argument.name] = node.args[index]
-        elif argument.name in node.kwargs:
-            values[argument.name] = node.kwargs[argument.name]
-        elif argument.has_default_value():
-            values[argument.name] = argument.default_value
-    return values
+def is_pure_call(node: fx.Node) -> bool:
+    """:func:`is_pure` for one call: also a gather by integer index tensors (``aten.index.Tensor`` with no
+    boolean mask), whose output shape is the indices' and whose values are a function of its arguments."""
+    if node.op != "call_function":
+        return False
+    if node.target is torch.ops.aten.index.Tensor:
+        indices = node.args[1]
+        values = [fake_value(index) for index in indices if index is not None]
+        return all(isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool for v in values)
+    return is_pure(node.target)
 
 
 def fake_value(node: Any) -> Any:
@@ -127,14 +125,20 @@ def insert_call(graph: fx.Graph, target: Callable[..., Any], args: tuple, origin
     The new node gets a fake value computed from its inputs' fake values (so
     later passes and Inductor see correct shapes and strides), and the stack
     trace and module stack of ``origin`` (so reports point at the user's code).
+    If the call raises on the fake values (an op's argument check), no node is
+    left behind.
     """
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
     fake_args, fake_kwargs = fx.node.map_aggregate((args, kwargs), fake_value)
     mode = detect_fake_mode(_leaves(fake_args, fake_kwargs))
     if mode is not None:
-        with mode:
-            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        try:
+            with mode:
+                node.meta["val"] = target(*fake_args, **fake_kwargs)
+        except Exception:
+            graph.erase_node(node)
+            raise
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr"):
         if key in origin.meta:
             node.meta[key] = origin.meta[key]
@@ -183,3 +187,16 @@ def module_path(node: fx.Node) -> str:
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
     path = re.sub(r"(__dict__\.)?_modules\.", "", path)  # L['self'].__dict__['_modules']['blocks']
     return path.lstrip(".")
+
+
+def call_arguments(node: fx.Node) -> dict[str, Any]:
+    """An OpOverload call's arguments by their schema names, defaults filled in."""
+    values: dict[str, Any] = {}
+    for index, argument in enumerate(node.target._schema.arguments):
+        if index < len(node.args):
+            values[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            values[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            values[argument.name] = argument.default_value
+    return values

@@ -14,7 +14,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from . import __version__
 from .graph_pass import GraphPass, RewriteLog, Stage
 from .options import Options
-from .report import Note, PassRun, Rewrite, record
+from .report import Decline, PassRun, Rewrite, record
 
 
 def registered_passes() -> dict[str, type[GraphPass]]:
@@ -65,7 +65,7 @@ class Pipeline:
         record(
             run,
             [Rewrite(graph_pass.name, graph_name, **entry) for entry in log.entries],
-            [Note(graph_pass.name, graph_name, **note) for note in log.notes],
+            [Decline(graph_pass.name, graph_name, **entry) for entry in log.declines],
         )
 
 

@@ -10,7 +10,7 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger("diffopt")
@@ -29,14 +29,14 @@ class Rewrite:
 
 
 @dataclasses.dataclass(frozen=True)
-class Note:
-    """A pass's decision at one place in the user's code: why it left it stock, or what it measured."""
+class Decline:
+    """A stock form a pass found and left as it is: a precondition it could not prove."""
 
     pass_name: str
     graph: str
     module: str
     source: str
-    text: str
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class PassRun:
 class Report:
     runs: list[PassRun] = dataclasses.field(default_factory=list)
     rewrites: list[Rewrite] = dataclasses.field(default_factory=list)
-    notes: list[Note] = dataclasses.field(default_factory=list)
+    declines: list[Decline] = dataclasses.field(default_factory=list)
     output: Any = None
 
     @property
@@ -86,10 +86,10 @@ class Report:
             rows = [("pass", "graph", "module", "source", "replaced -> by")]
             rows += [(r.pass_name, r.graph, r.module or "-", r.source or "-", f"{r.replaced} -> {r.by}") for r in self.rewrites]
             lines += _table(rows)
-        if self.notes:
+        if self.declines:
             lines.append("")
-            rows = [("pass", "graph", "module", "source", "note")]
-            rows += [(n.pass_name, n.graph, n.module or "-", n.source or "-", n.text) for n in self.notes]
+            rows = [("declined", "graph", "module", "source", "why")]
+            rows += [(d.pass_name, d.graph, d.module or "-", d.source or "-", d.reason) for d in self.declines]
             lines += _table(rows)
         for name, (_, _, _, errors) in totals.items():
             for error in errors:
@@ -117,11 +117,11 @@ def collecting(report: Report) -> Iterator[Report]:
         _active.reset(token)
 
 
-def record(run: PassRun, rewrites: Sequence[Rewrite], notes: Sequence[Note]) -> None:
+def record(run: PassRun, rewrites: list[Rewrite], declines: list[Decline] = ()) -> None:
     if run.error:
         log.warning("diffopt: pass %s raised on %s and was skipped: %s", run.pass_name, run.graph, run.error)
     log.info("diffopt: %s %s %s: %d rewrite(s) in %.1f ms", run.graph, run.stage, run.pass_name, run.matches, run.seconds * 1e3)
     for report in _active.get():
         report.runs.append(run)
         report.rewrites.extend(rewrites)
-        report.notes.extend(notes)
+        report.declines.extend(declines)

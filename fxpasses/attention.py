@@ -18,7 +18,8 @@ disagrees with the stock call beyond rounding, is never chosen; the stock call s
 candidate beats it by more than 1%. The choice is cached on disk (``$DIFFOPT_CACHE_DIR``, default
 ``diffopt/`` in Inductor's cache dir), keyed by shapes, strides, dtype, scale, device name and the
 torch/CUDA/cuDNN/FlashInfer/diffopt versions: a second compile does not measure again. ``explain``
-shows, per attention call, the candidates' times and the choice, or why there was none.
+shows, per attention call, the candidates' times and the choice (with the rewrite), or why the call
+stayed stock (with the declines).
 
 FlashInfer's first use JIT-builds each kernel variant (one per dtype and head dim and fa2/fa3:
 20-100 s), during the first compile that measures it; the ``diffopt`` logger says so at INFO
@@ -113,18 +114,19 @@ class Attention(GraphPass):
                 continue
             call = _match(node)
             if isinstance(call, str):
-                log.note(node, f"left stock: {call}")
+                log.decline(node, call)
                 continue
             device = call.fakes[0].device
             if device.type not in self.config["devices"]:
-                log.note(node, f"left stock: on {device.type}; the pass acts on {tuple(self.config['devices'])} (option devices)")
+                log.decline(node, f"on {device.type}; the pass acts on {tuple(self.config['devices'])} (option devices)")
                 continue
             backend, text = self._choose(call, device, decided)
-            if backend is not None and not _rewrite(graph, call, backend):
-                backend, text = None, f"{text}; left stock: the op's output layout differs from the stock call's"
-            log.note(node, text)
-            if backend is not None:
-                log.add(node, _op_name(node.target), f"diffopt.attention[{backend}]")
+            if backend is None:
+                log.decline(node, text)
+            elif not _rewrite(graph, call, backend):
+                log.decline(node, f"{text}; but the op's output layout differs from the stock call's")
+            else:
+                log.add(node, _op_name(node.target), f"diffopt.attention[{backend}]; {text}")
 
     def _choose(self, call: _Call, device: torch.device, decided: dict) -> tuple[str | None, str]:
         """The backend for ``call`` (None: stay stock) and what to say about it."""

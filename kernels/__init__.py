@@ -5,7 +5,7 @@
   ``diffopt.kernels.qk_norm_rope_triton.qk_norm_rope_triton``.
 - ``torch.ops.diffopt.attention``: scaled dot-product attention by a named kernel (ATen's SDPA
   kernels, FlashInfer's fa3/fa2) in the replaced SDPA call's output layout
-  (``kernels/attention.py``); reference ``diffopt.kernels.reference.attention_reference``.
+  (``kernels/attention.py``, with its reference ``attention_reference``).
 """
 from . import attention  # noqa: F401  registers torch.ops.diffopt.attention
 from . import qk_norm_rope  # noqa: F401  registers torch.ops.diffopt.qk_norm_rope

@@ -7,8 +7,8 @@ Schema::
 q ``[B, Hq, Sq, D]``, k ``[B, Hkv, Skv, D]``, v ``[B, Hkv, Skv, Dv]`` (SDPA's argument layout), any
 strides, Hkv dividing Hq (grouped-query attention: key/value head ``h // (Hq / Hkv)`` serves query
 head ``h``), Sq and Skv independent (cross-attention), no mask, no dropout, not causal. Semantics:
-``kernels/reference.py::attention_reference`` (the spec, and the implementation on every device but
-CUDA, whatever ``backend`` says).
+:func:`attention_reference` below (the spec, and the implementation on every device but CUDA,
+whatever ``backend`` says).
 
 ``backend`` names the CUDA kernel:
 
@@ -48,9 +48,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .reference import attention_reference, check_attention_args
-
-__all__ = ["ATTENTION_SCHEMA", "BACKENDS", "OUT_LAYOUTS", "attention", "backend_unavailable", "backend_unsupported"]
+__all__ = [
+    "ATTENTION_SCHEMA", "BACKENDS", "OUT_LAYOUTS", "attention", "attention_reference", "backend_unavailable",
+    "backend_unsupported", "check_attention_args",
+]
 
 log = logging.getLogger("diffopt")
 aten = torch.ops.aten
@@ -84,6 +85,44 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, backend: str, ou
     """softmax(q @ k^T * scale) @ v per head, by the ``backend`` kernel, in the ``out_layout``
     stock op's output layout (see the module docstring; spec: ``attention_reference``)."""
     return torch.ops.diffopt.attention(q, k, v, scale=scale, backend=backend, out_layout=out_layout)
+
+
+# --- the spec --------------------------------------------------------------------------
+
+
+def check_attention_args(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Validate the tensors of ``diffopt::attention``: q [B, Hq, Sq, D], k [B, Hkv, Skv, D],
+    v [B, Hkv, Skv, Dv], one floating dtype, Hkv dividing Hq. Raises ``ValueError`` otherwise."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be 4-D [B, H, S, D], got {q.dim()}, {k.dim()}, {v.dim()} dims")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} disagree on heads or length")
+    if Hq % k.shape[1]:
+        raise ValueError(f"attention: {k.shape[1]} key/value heads do not divide {Hq} query heads")
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Reference for ``torch.ops.diffopt.attention`` (plain torch, like ``kernels/reference.py``):
+    SDPA's math, without mask or dropout.
+
+    out[b, h] = softmax(q[b, h] @ k[b, h // g]^T * scale) @ v[b, h // g], g = Hq / Hkv (grouped-query
+    attention as SDPA's ``enable_gqa``: each key/value head serves g consecutive query heads).
+    Shapes as :func:`check_attention_args`; any strides. Computed in float32 (float64 stays
+    float64), rounded once to q's dtype; returns a new contiguous [B, Hq, Sq, Dv] tensor.
+    """
+    check_attention_args(q, k, v)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    group = q.shape[1] // k.shape[1]
+    qf, kf, vf = (x.to(compute) for x in (q, k, v))
+    if group > 1:
+        kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    weights = torch.softmax((qf @ kf.transpose(-2, -1)) * scale, dim=-1)
+    return (weights @ vf).to(q.dtype)
 
 
 # --- which kernels can run here --------------------------------------------------------

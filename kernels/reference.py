@@ -14,10 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = [
-    "QKNormRopeShape", "apply_rope", "attention_reference", "check_attention_args", "check_qk_norm_rope_args",
-    "qk_norm_rope_reference", "rope_tables",
-]
+__all__ = ["QKNormRopeShape", "apply_rope", "check_qk_norm_rope_args", "qk_norm_rope_reference", "rope_tables"]
 
 NORM_OVER = ("head", "hidden")
 ROPE_STYLES = ("neox", "interleaved")
@@ -149,40 +146,3 @@ def qk_norm_rope_reference(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_w
     c, s = rope_tables(cos, sin, positions, info.B, info.S)
     args = (c, s, norm_over, rope_style, info.rope_dim)
     return _norm_rope_one(q, q_weight, q_eps, *args), _norm_rope_one(k, k_weight, k_eps, *args)
-
-
-# --- attention ---------------------------------------------------------------------------
-
-
-def check_attention_args(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """Validate the tensors of ``diffopt::attention``: q [B, Hq, Sq, D], k [B, Hkv, Skv, D],
-    v [B, Hkv, Skv, Dv], one floating dtype, Hkv dividing Hq. Raises ``ValueError`` otherwise."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention: q, k, v must be 4-D [B, H, S, D], got {q.dim()}, {k.dim()}, {v.dim()} dims")
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise ValueError(f"attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, Hq, _, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
-    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
-        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} disagree on heads or length")
-    if Hq % k.shape[1]:
-        raise ValueError(f"attention: {k.shape[1]} key/value heads do not divide {Hq} query heads")
-
-
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Reference for ``torch.ops.diffopt.attention``: SDPA's math, without mask or dropout.
-
-    out[b, h] = softmax(q[b, h] @ k[b, h // g]^T * scale) @ v[b, h // g], g = Hq / Hkv (grouped-query
-    attention as SDPA's ``enable_gqa``: each key/value head serves g consecutive query heads).
-    Shapes as :func:`check_attention_args`; any strides. Computed in float32 (float64 stays
-    float64), rounded once to q's dtype; returns a new contiguous [B, Hq, Sq, Dv] tensor.
-    """
-    check_attention_args(q, k, v)
-    compute = torch.promote_types(q.dtype, torch.float32)
-    group = q.shape[1] // k.shape[1]
-    qf, kf, vf = (x.to(compute) for x in (q, k, v))
-    if group > 1:
-        kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
-    weights = torch.softmax((qf @ kf.transpose(-2, -1)) * scale, dim=-1)
-    return (weights @ vf).to(q.dtype)

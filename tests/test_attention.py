@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import diffopt
 from diffopt import autotune
 from diffopt.kernels import attention as kernels
-from diffopt.kernels.reference import attention_reference
+from diffopt.kernels.attention import attention_reference
 from diffopt.testing import count_ops, trace
 
 OP = torch.ops.diffopt.attention
@@ -281,7 +281,7 @@ def test_fires_on_stock_attention_and_keeps_numerics(dtype, inductor):
     assert stock_ops(before) == 1 and count_ops(before)[OP_NAME] == 0
     assert stock_ops(after) == 0 and count_ops(after)[OP_NAME] == 1
     chosen = "sdpa_flash" if dtype == BF16 else "sdpa_efficient"
-    assert [r.by for r in t.report.rewrites] == [f"diffopt.attention[{chosen}]"]
+    assert _choice(t.report) == chosen and t.report.matches("attention") == 1
     truth = bshd_attention(*(a.double() for a in args))
     stock = bshd_attention(*args)
     ours, theirs = (t.output.double() - truth).abs().max(), (stock.double() - truth).abs().max()
@@ -291,7 +291,7 @@ def test_fires_on_stock_attention_and_keeps_numerics(dtype, inductor):
 def test_grouped_query_attention():
     args = attention_inputs(BF16)
     t = trace(gqa_attention, *args, options=options(Timer(stock=2.0, sdpa_flash=1.0, sdpa_cudnn=1.5)))
-    assert [r.by for r in t.report.rewrites] == ["diffopt.attention[sdpa_flash]"]
+    assert _choice(t.report) == "sdpa_flash"
     torch.testing.assert_close(t.output, gqa_attention(*args), atol=2e-2, rtol=2e-2)
     # fp32: only sdpa_efficient takes it, and not with grouped heads
     t = trace(gqa_attention, *attention_inputs(F32), options=options(Timer(stock=2.0, sdpa_efficient=1.0)))
@@ -374,7 +374,10 @@ def test_fires_on_models_with_inductor(build, dtype):
 
 
 def _notes(report):
-    return [note.text for note in report.notes if note.pass_name == "attention"]
+    """What the pass said about each attention call: the rewrites (with the measurements) and the
+    declines (why the call stayed stock)."""
+    return [r.by for r in report.rewrites if r.pass_name == "attention"] + [
+        d.reason for d in report.declines if d.pass_name == "attention"]
 
 
 @pytest.mark.parametrize(
@@ -448,7 +451,7 @@ def test_unknown_backend_option_is_an_error():
 
 def _choice(report):
     rewrites = [r.by for r in report.rewrites if r.pass_name == "attention"]
-    return rewrites[0].removeprefix("diffopt.attention[").removesuffix("]") if rewrites else None
+    return rewrites[0].removeprefix("diffopt.attention[").split("]")[0] if rewrites else None
 
 
 def run_choice(timer, dtype=BF16, **config):
@@ -625,7 +628,7 @@ def test_gpu_flashinfer_under_cuda_graphs(backend):
         for step in range(3):  # warm-up, capture, replay
             got = compiled(x * (1 + step), context).clone()
             assert autotune.mismatch(got, stock(x * (1 + step), context)) is None
-    assert [r.by for r in report.rewrites] == [f"diffopt.attention[{backend}]"]
+    assert _choice(report) == backend and report.matches("attention") == 1
     assert counters["inductor"]["cudagraph_skips"] == 0
 
 
