@@ -208,3 +208,16 @@ def module_path(node: fx.Node) -> str:
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
     path = re.sub(r"(__dict__\.)?_modules\.", "", path)  # L['self'].__dict__['_modules']['blocks']
     return path.lstrip(".")
+
+
+def call_arguments(node: fx.Node) -> dict[str, Any]:
+    """An OpOverload call's arguments by their schema names, defaults filled in."""
+    values: dict[str, Any] = {}
+    for index, argument in enumerate(node.target._schema.arguments):
+        if index < len(node.args):
+            values[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            values[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            values[argument.name] = argument.default_value
+    return values

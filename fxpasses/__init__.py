@@ -14,6 +14,7 @@ from .pipeline_heads import PipelineHeads
 from .batch_all_to_all import BatchAllToAll
 from .padded_buffer import PaddedBuffer
 from .fold_gathers import FoldGathers
+from .attention import Attention
 
 PIPELINE = [
     UlyssesPrefix,
@@ -28,4 +29,6 @@ PIPELINE = [
     UnflattenAllToAll,
     PipelineHeads,
     BatchAllToAll,
+    # last: the passes above match ATen's SDPA ops, which this one replaces
+    Attention,
 ]

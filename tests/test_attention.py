@@ -1,0 +1,648 @@
+"""``torch.ops.diffopt.attention`` and the ``attention`` pass (measured choice of the SDPA kernel).
+
+CPU (CI): the op's reference against ``F.scaled_dot_product_attention`` and float64 on random
+shapes, layouts, GQA ratios, cross-attention and scales; its output layout against the stock ops';
+the pass on the stock forms (a plain module, our Wan and Cosmos3 references, diffusers' Wan), its
+near-misses, and the selection logic driven by injected timings (real CPU timing never decides a
+test). GPU (``@pytest.mark.gpu``): every installed backend against SDPA at the real shapes, batch 1
+and 2, and the pass under CUDA graphs.
+"""
+from __future__ import annotations
+
+import copy
+import enum
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import diffopt
+from diffopt import autotune
+from diffopt.kernels import attention as kernels
+from diffopt.kernels.attention import attention_reference
+from diffopt.testing import count_ops, trace
+
+OP = torch.ops.diffopt.attention
+OP_NAME = "diffopt.attention.default"
+aten = torch.ops.aten
+gpu = pytest.mark.gpu
+BF16, F32 = torch.bfloat16, torch.float32
+STOCK_OPS = {
+    "flash": aten._scaled_dot_product_flash_attention.default,
+    "efficient": aten._scaled_dot_product_efficient_attention.default,
+    "cudnn": aten._scaled_dot_product_cudnn_attention.default,
+    "flash_cpu": aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Each test measures into its own cache file."""
+    monkeypatch.setenv("DIFFOPT_CACHE_DIR", str(tmp_path / "diffopt-cache"))
+
+
+def make_qkv(B, Hq, Hkv, Sq, Skv, D, layout, dtype=F32, device="cpu", seed=0):
+    """q [B,Hq,Sq,D], k/v [B,Hkv,Skv,D] in one of the layouts stock models hand SDPA:
+    "bhsd" contiguous; "bshd" the transpose of contiguous [B,S,H,D]; "packed" head slices of one
+    packed projection (q|k|v when Sq == Skv, else q apart and k|v packed)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    if layout == "bhsd":
+        return randn(B, Hq, Sq, D), randn(B, Hkv, Skv, D), randn(B, Hkv, Skv, D)
+    if layout == "bshd":
+        return (randn(B, Sq, Hq, D).transpose(1, 2), randn(B, Skv, Hkv, D).transpose(1, 2),
+                randn(B, Skv, Hkv, D).transpose(1, 2))
+    if Sq == Skv:
+        qkv = randn(B, Sq, Hq + 2 * Hkv, D)
+        q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
+    else:
+        kv = randn(B, Skv, 2 * Hkv, D)
+        q, k, v = randn(B, Sq, Hq, D), kv[:, :, :Hkv], kv[:, :, Hkv:]
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def sdpa(q, k, v, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+# --- the op -----------------------------------------------------------------------------
+
+
+@st.composite
+def cases(draw):
+    Hkv = draw(st.sampled_from([1, 2, 3]))
+    return dict(
+        B=draw(st.integers(1, 2)), Hkv=Hkv, Hq=Hkv * draw(st.sampled_from([1, 2, 4])),
+        Sq=draw(st.integers(1, 40)), Skv=draw(st.sampled_from([None, 1, 7, 33])), D=draw(st.sampled_from([8, 16, 64])),
+        layout=draw(st.sampled_from(["bhsd", "bshd", "packed"])), scale=draw(st.sampled_from([None, 0.3, 1.7])),
+        dtype=draw(st.sampled_from([F32, BF16])), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(cases())
+def test_reference_is_sdpa(case):
+    case = dict(case)
+    scale, dtype, seed = case.pop("scale"), case.pop("dtype"), case.pop("seed")
+    case["Skv"] = case["Skv"] or case["Sq"]  # None: self-attention
+    q, k, v = make_qkv(**case, dtype=dtype, seed=seed)
+    used_scale = 1 / math.sqrt(case["D"]) if scale is None else scale
+    out = OP(q, k, v, scale=used_scale, backend="flashinfer_fa3", out_layout="flash_cpu")  # CPU: the reference
+    truth = sdpa(q.double(), k.double(), v.double(), scale)
+    error = (out.double() - truth).abs()
+    if dtype == F32:
+        assert error.max() <= 1e-5 * truth.abs().max()
+    else:  # computed in fp32, rounded once: within half a bf16 ulp (plus fp32 noise) of the truth
+        assert (error <= 2**-8 * truth.abs() + 1e-5 * truth.abs().max()).all()
+        stock_error = (sdpa(q, k, v, scale).double() - truth).abs().max()
+        assert error.max() <= stock_error + 1e-6
+    torch.testing.assert_close(attention_reference(q, k, v, used_scale), sdpa(q, k, v, scale), rtol=2e-2 if dtype == BF16 else 1e-5, atol=2e-2 if dtype == BF16 else 1e-5)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "packed"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("out_layout", list(STOCK_OPS))
+def test_output_has_the_stock_ops_layout(layout, cross, out_layout):
+    q, k, v = make_qkv(2, 4, 2, 6, 9 if cross else 6, 16, layout)
+    meta = [torch.empty_strided(x.shape, x.stride(), device="meta") for x in (q, k, v)]
+    args = (None, False) if out_layout in ("efficient", "cudnn") else ()
+    expected = STOCK_OPS[out_layout](*meta, *args)[0]
+    out = OP(q, k, v, scale=0.25, backend="sdpa_cudnn", out_layout=out_layout)
+    assert out.shape == expected.shape and out.stride() == expected.stride()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = OP(*(mode.from_tensor(x) for x in (q, k, v)), scale=0.25, backend="sdpa_cudnn", out_layout=out_layout)
+    assert fake.stride() == expected.stride()
+    if out_layout == "flash_cpu":  # and the real stock kernel's
+        assert out.stride() == STOCK_OPS["flash_cpu"](q, k, v)[0].stride()
+
+
+def test_op_rejects_what_it_does_not_compute():
+    q, k, v = make_qkv(1, 3, 2, 4, 4, 8, "bhsd")
+    with pytest.raises(ValueError, match="divide"):
+        OP(q, k, v, scale=1.0, backend="sdpa_flash", out_layout="flash")
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, "bhsd")
+    with pytest.raises(ValueError, match="unknown backend"):
+        OP(q, k, v, scale=1.0, backend="math", out_layout="flash")
+    with pytest.raises(ValueError, match="unknown out_layout"):
+        OP(q, k, v, scale=1.0, backend="sdpa_flash", out_layout="bshd")
+
+
+def test_opcheck():
+    q, k, v = make_qkv(2, 4, 2, 5, 7, 16, "packed")
+    torch.library.opcheck(OP, (q, k, v), {"scale": 0.3, "backend": "sdpa_flash", "out_layout": "flash_cpu"})
+
+
+def test_backends_that_cannot_run_say_why():
+    cpu = torch.device("cpu")
+    assert kernels.backend_unavailable("sdpa_flash", cpu) is None
+    if kernels.flashinfer_version() is None:
+        assert "not installed" in kernels.backend_unavailable("flashinfer_fa3", cpu)
+    assert "float16/bfloat16 only" in kernels.backend_unsupported("flashinfer_fa3", F32, 128, 128, False)
+    assert "head dims" in kernels.backend_unsupported("flashinfer_fa2", BF16, 96, 96, False)
+    assert kernels.backend_unsupported("sdpa_efficient", F32, 96, 96, False) is None
+    assert "grouped" in kernels.backend_unsupported("sdpa_efficient", F32, 96, 96, True)
+    assert kernels.backend_unsupported("flashinfer_fa3", BF16, 128, 128, True) is None
+    assert "float16/bfloat16" in kernels.backend_unsupported("sdpa_flash", torch.float64, 64, 64, False)
+
+
+class FakeFlashInfer:
+    """FlashInfer's single-prefill module as the op calls it, in plain torch, with the kernels'
+    contracts: [S, H, D] NHD views with a dense last dim, query head j reads key/value head
+    j // (Hq / Hkv), 16-byte aligned operands, and for fa2 a contiguous output."""
+
+    class utils:
+        SINGLE_KERNEL_TMP_SIZE = 16
+
+        class PosEncodingMode(enum.Enum):
+            NONE = 0
+
+        class MaskMode(enum.Enum):
+            NON_CAUSAL = 0
+
+        class TensorLayout(enum.Enum):
+            NHD = 0
+
+    def __init__(self):
+        self.calls = []
+        self.prefill = self
+
+    def get_single_prefill_module(self, variant, *args):
+        fake = self
+
+        class Module:
+            def run(self, *, q, k, v, tmp, o, maybe_lse, mask_mode, layout, window_left, maybe_packed_custom_mask,
+                    maybe_alibi_slopes, logits_soft_cap, sm_scale, scale_q, scale_k, scale_v, rope_scale, rope_theta):
+                assert (mask_mode, layout, window_left, maybe_lse, logits_soft_cap) == (0, 0, -1, None, 0.0)
+                for x in (q, k, v, o):
+                    assert x.dim() == 3 and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+                assert variant == "fa3" or o.is_contiguous(), "fa2 writes contiguous rows only"
+                fake.calls.append((variant, tuple(q.shape)))
+                heads = [attention_reference(q[:, j, None].transpose(0, 1)[None], k[:, j * k.shape[1] // q.shape[1], None]
+                                             .transpose(0, 1)[None], v[:, j * k.shape[1] // q.shape[1], None]
+                                             .transpose(0, 1)[None], sm_scale)[0, 0] for j in range(q.shape[1])]
+                o.copy_(torch.stack(heads, 1))
+
+        return Module()
+
+
+@pytest.mark.parametrize("variant", ["fa3", "fa2"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "packed"])
+@pytest.mark.parametrize("out_layout", ["cudnn", "efficient", "flash"])
+@pytest.mark.parametrize("B, Hq, Hkv, Skv", [(1, 4, 4, 6), (2, 4, 2, 6), (2, 6, 3, 9)], ids=["b1", "b2-gqa", "b2-gqa-cross"])
+def test_flashinfer_calls_mean_the_right_thing(monkeypatch, variant, layout, out_layout, B, Hq, Hkv, Skv):
+    fake = FakeFlashInfer()
+    monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (fake, None))
+    monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)
+    q, k, v = make_qkv(B, Hq, Hkv, 6, Skv, 16, layout, dtype=BF16)
+    run = kernels._CUDA_KERNELS[f"flashinfer_{variant}"]  # the CUDA implementation, on CPU tensors
+    out = run(q, k, v, 0.3, out_layout)
+    assert out.stride() == OP(q, k, v, scale=0.3, backend="sdpa_flash", out_layout=out_layout).stride()
+    assert autotune.mismatch(out, sdpa(q, k, v, 0.3)) is None
+    # One call when the batch folds into the heads: every operand [B, H, S, D]-contiguous, which
+    # fa2 cannot write (its rows would not be contiguous) and efficient's [B, S, H, D] output is not.
+    folds = B == 1 or (variant == "fa3" and layout == "bhsd" and out_layout != "efficient")
+    assert len(fake.calls) == (1 if folds else B)
+
+
+def test_flashinfer_build_is_logged(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (FakeFlashInfer(), None))
+    monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 16, "bshd", dtype=BF16)
+    with caplog.at_level("INFO", logger="diffopt"):
+        kernels._CUDA_KERNELS["flashinfer_fa3"](q, k, v, 0.25, "cudnn")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("preparing FlashInfer fa3 attention kernel (bfloat16, head_dim 16)" in m and "20-100 s" in m
+               for m in messages), messages
+    assert any("ready in" in m for m in messages)
+
+
+# --- the pass ---------------------------------------------------------------------------
+
+
+class Timer:
+    """An injected timer: fixed milliseconds per candidate; a name not listed fails to time."""
+
+    def __init__(self, **times_ms):
+        self.times_ms = times_ms
+        self.calls: list[str] = []
+
+    def __call__(self, fn, name):
+        self.calls.append(name)
+        fn()
+        return self.times_ms[name]
+
+
+def options(timer=None, inductor=False, **config):
+    config = {"devices": ("cpu",), **({"timer": timer} if timer else {}), **config}
+    return {"inductor": inductor, "passes": {"attention": config}}
+
+
+def bshd_attention(x, context):
+    """A stock attention call: heads split from projections, transposed to [B, H, S, D]."""
+    q = x.unflatten(-1, (4, 64)).transpose(1, 2)
+    kv = context.unflatten(-1, (2, 4, 64))
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # strided head slices of packed k|v
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def gqa_attention(x, context):
+    """The same with 2 key/value heads for 4 query heads."""
+    q = x.unflatten(-1, (4, 64)).transpose(1, 2)
+    kv = context[..., :256].unflatten(-1, (2, 2, 64))
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).flatten(2)
+
+
+def attention_inputs(dtype=F32, Skv=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 12, 256, generator=g).to(dtype), torch.randn(2, Skv, 512, generator=g).to(dtype)
+
+
+def stock_ops(graph):
+    return sum(n for name, n in count_ops(graph).items() if "scaled_dot_product" in name)
+
+
+@pytest.mark.parametrize("inductor", [False, True], ids=["aten", "inductor"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_fires_on_stock_attention_and_keeps_numerics(dtype, inductor):
+    args = attention_inputs(dtype)
+    timer = Timer(stock=2.0, sdpa_efficient=1.0, sdpa_flash=0.5)  # flash: bf16 only
+    t = trace(bshd_attention, *args, options=options(timer, inductor))
+    before, after = t.before("attention"), t.after("attention")
+    assert stock_ops(before) == 1 and count_ops(before)[OP_NAME] == 0
+    assert stock_ops(after) == 0 and count_ops(after)[OP_NAME] == 1
+    chosen = "sdpa_flash" if dtype == BF16 else "sdpa_efficient"
+    assert _choice(t.report) == chosen and t.report.matches("attention") == 1
+    truth = bshd_attention(*(a.double() for a in args))
+    stock = bshd_attention(*args)
+    ours, theirs = (t.output.double() - truth).abs().max(), (stock.double() - truth).abs().max()
+    assert ours <= theirs + (1e-6 if dtype == F32 else 2**-8 * truth.abs().max())
+
+
+def test_grouped_query_attention():
+    args = attention_inputs(BF16)
+    t = trace(gqa_attention, *args, options=options(Timer(stock=2.0, sdpa_flash=1.0, sdpa_cudnn=1.5)))
+    assert _choice(t.report) == "sdpa_flash"
+    torch.testing.assert_close(t.output, gqa_attention(*args), atol=2e-2, rtol=2e-2)
+    # fp32: only sdpa_efficient takes it, and not with grouped heads
+    t = trace(gqa_attention, *attention_inputs(F32), options=options(Timer(stock=2.0, sdpa_efficient=1.0)))
+    assert t.report.matches("attention") == 0
+    assert any("sdpa_efficient: no grouped-query attention" in note for note in _notes(t.report))
+
+
+def test_symbolic_batch_and_sequence():
+    timer = Timer(stock=2.0, sdpa_efficient=1.0)
+    t = trace(bshd_attention, *attention_inputs(Skv=9), options=options(timer), dynamic=True)
+    assert t.report.matches("attention") == 1
+    torch.testing.assert_close(t.output, bshd_attention(*attention_inputs(Skv=9)))
+
+
+def test_the_ops_layout_is_the_stock_nodes():
+    t = trace(bshd_attention, *attention_inputs(), options=options(Timer(stock=2.0, sdpa_efficient=1.0)))
+    (stock,) = [n for n in t.before("attention").nodes if "scaled_dot_product" in str(n.target)]
+    (ours,) = [n for n in t.after("attention").nodes if n.target is OP.default]
+    assert ours.meta["val"].shape == stock.meta["val"][0].shape
+    assert ours.meta["val"].stride() == stock.meta["val"][0].stride()
+
+
+def ours_wan(dtype):
+    from diffopt.models import WanStack, get_config, wan_example_inputs
+
+    config = get_config("wan-tiny", num_layers=1)
+    return WanStack(config), wan_example_inputs(config, dtype=dtype), {}
+
+
+def ours_cosmos3(dtype):
+    from diffopt.models import Cosmos3GenStack, cosmos3_example_inputs, get_config
+
+    config = get_config("cosmos3-tiny", num_layers=1)
+    return Cosmos3GenStack(config), cosmos3_example_inputs(config, dtype=dtype), {}
+
+
+def diffusers_wan(dtype):
+    pytest.importorskip("diffusers")
+    from diffopt.models import get_config
+    from diffopt.models.diffusers_models import build_diffusers_wan, diffusers_wan_inputs
+
+    config = get_config("wan-tiny", num_layers=1)
+    return build_diffusers_wan(config), (), {**diffusers_wan_inputs(config, dtype=dtype), "return_dict": False}
+
+
+def _cast(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {key: _cast(v, dtype) for key, v in value.items()}
+    return value
+
+
+def _first(output):
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+# model -> attention calls in one layer (Wan: self + cross; Cosmos3 generation: GQA over prefix + own tokens)
+MODELS = {ours_wan: 2, ours_cosmos3: 1, diffusers_wan: 2}
+GROUPED = {ours_cosmos3}  # in fp32 no candidate takes grouped-query attention
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("build", list(MODELS), ids=lambda f: f.__name__)
+@torch.no_grad()
+def test_fires_on_models_with_inductor(build, dtype):
+    model, args, kwargs = build(dtype)
+    model = model.to(dtype).eval()
+    timer = Timer(stock=3.0, sdpa_efficient=2.0, sdpa_flash=1.0)
+    report = diffopt.explain(model, *args, options={"strict": True, **options(timer, inductor=True)}, **kwargs)
+    expected = 0 if dtype == F32 and build in GROUPED else MODELS[build]
+    assert report.matches("attention") == expected, str(report)
+    exact = copy.deepcopy(model).double()(*_cast(args, torch.float64), **_cast(kwargs, torch.float64))
+    stock = model(*args, **kwargs)
+    ours = (_first(report.output).double() - _first(exact)).abs().max()
+    theirs = (_first(stock).double() - _first(exact)).abs().max()
+    assert ours <= (1e-4 + 2 * theirs if dtype == F32 else 2 * theirs + 2e-2), (ours, theirs)
+
+
+def _notes(report):
+    """What the pass said about each attention call: the rewrites (with the measurements) and the
+    declines (why the call stayed stock)."""
+    return [r.by for r in report.rewrites if r.pass_name == "attention"] + [
+        d.reason for d in report.declines if d.pass_name == "attention"]
+
+
+@pytest.mark.parametrize(
+    "fn, why",
+    [
+        (lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True), "causal"),
+        (lambda q: F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5).tril()), "attention mask"),
+        (lambda q: F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool).tril()),
+         "attention mask"),
+    ],
+    ids=["causal", "float mask", "bool mask"],
+)
+def test_does_not_fire_on_masks(fn, why):
+    q = torch.randn(1, 2, 5, 16)
+    t = trace(fn, q, options=options(Timer(stock=2.0, sdpa_efficient=1.0)))
+    assert t.report.matches("attention") == 0 and stock_ops(t.after("attention")) == 1
+    assert any(why in note for note in _notes(t.report)), _notes(t.report)
+    torch.testing.assert_close(t.output, fn(q))
+
+
+def test_does_not_fire_on_dropout():
+    # SDPA takes its math path for dropout: post-grad there is no fused op (and no candidate
+    # would be allowed to replace it).
+    q = torch.randn(1, 2, 5, 16)
+    t = trace(lambda q: F.scaled_dot_product_attention(q, q, q, dropout_p=0.5), q,
+              options=options(Timer(stock=2.0, sdpa_efficient=1.0)))
+    assert t.report.matches("attention") == 0 and count_ops(t.after("attention"))[OP_NAME] == 0
+
+
+def test_does_not_fire_on_fp64():
+    q = torch.randn(1, 2, 5, 16, dtype=torch.float64)
+    t = trace(lambda q: F.scaled_dot_product_attention(q, q, q), q, options=options(Timer(stock=2.0, sdpa_efficient=1.0)))
+    assert t.report.matches("attention") == 0
+    assert any("no candidate" in note for note in _notes(t.report))
+
+
+def test_does_not_fire_when_the_logsumexp_is_used():
+    q = torch.randn(1, 2, 5, 16, requires_grad=True)
+    t = trace(lambda q: F.scaled_dot_product_attention(q, q, q), q, options=options(Timer(stock=2.0, sdpa_efficient=1.0)))
+    assert t.report.matches("attention") == 0
+    assert any("logsumexp" in note for note in _notes(t.report)), _notes(t.report)
+
+
+def test_off_the_listed_devices_it_stays_stock_and_says_why():
+    t = trace(bshd_attention, *attention_inputs(), options={"inductor": False})  # devices: CUDA only
+    assert t.report.matches("attention") == 0
+    assert any("on cpu" in note and "devices" in note for note in _notes(t.report))
+
+
+def test_without_a_timer_off_cuda_nothing_is_measured():
+    t = trace(bshd_attention, *attention_inputs(), options=options())
+    assert t.report.matches("attention") == 0
+    assert any("no timer for cpu" in note for note in _notes(t.report))
+
+
+def test_pass_off():
+    t = trace(bshd_attention, *attention_inputs(), options={"inductor": False, "passes": {"attention": False}})
+    assert "attention" not in {run.pass_name for run in t.report.runs}
+    assert stock_ops(t.graphs[-1][3]) == 1
+
+
+def test_unknown_backend_option_is_an_error():
+    from diffopt.options import Options
+    from diffopt.pipeline import Pipeline, registered_passes
+
+    with pytest.raises(ValueError, match="not one of"):
+        Pipeline(Options.parse({"passes": {"attention": {"backend": "flashattention"}}}, registered_passes()))
+
+
+# --- the choice -------------------------------------------------------------------------
+
+
+def _choice(report):
+    rewrites = [r.by for r in report.rewrites if r.pass_name == "attention"]
+    return rewrites[0].removeprefix("diffopt.attention[").split("]")[0] if rewrites else None
+
+
+def run_choice(timer, dtype=BF16, **config):
+    t = trace(bshd_attention, *attention_inputs(dtype), options=options(timer, **config))
+    return _choice(t.report), t
+
+
+def test_fastest_candidate_wins():
+    assert run_choice(Timer(stock=3.0, sdpa_efficient=1.0, sdpa_flash=2.0, sdpa_cudnn=1.5))[0] == "sdpa_efficient"
+    autotune.cache_file().unlink()
+    assert run_choice(Timer(stock=3.0, sdpa_efficient=2.0, sdpa_flash=1.0, sdpa_cudnn=1.5))[0] == "sdpa_flash"
+
+
+def test_failing_candidates_are_never_chosen():
+    # sdpa_flash fails to time (not in the table), sdpa_cudnn raises when run.
+    timer = Timer(stock=3.0, sdpa_efficient=2.0, sdpa_cudnn=0.1)
+    original = timer.__call__
+
+    def raising(fn, name):
+        if name == "sdpa_cudnn":
+            raise RuntimeError("no kernel image for this GPU")
+        return original(fn, name)
+
+    choice, t = run_choice(raising)
+    assert choice == "sdpa_efficient"
+    (note,) = _notes(t.report)
+    assert "sdpa_flash: failed (KeyError" in note and "sdpa_cudnn: failed (RuntimeError: no kernel image" in note
+
+
+def test_stock_stays_when_it_is_fastest():
+    choice, t = run_choice(Timer(stock=1.0, sdpa_efficient=1.5, sdpa_flash=1.2, sdpa_cudnn=1.1))
+    assert choice is None and stock_ops(t.after("attention")) == 1
+    assert any("stock call kept" in note for note in _notes(t.report))
+    autotune.cache_file().unlink()
+    # a near-tie (within autotune.MIN_GAIN) keeps the stock call too
+    assert run_choice(Timer(stock=1.0, sdpa_efficient=0.995, sdpa_flash=2.0, sdpa_cudnn=2.0))[0] is None
+
+
+def test_a_candidate_that_computes_something_else_is_out():
+    expected = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    with_nan = expected.clone()
+    with_nan[1, 2, 3, 4] = float("nan")
+    _, failures = autotune.check(lambda: expected, {
+        "right": lambda: expected * (1 + torch.finfo(F32).eps),
+        "wrong": lambda: expected.flip(1),
+        "nan": lambda: with_nan,
+        "shape": lambda: expected[:, :2],
+    })
+    assert set(failures) == {"wrong", "nan", "shape"}
+    assert failures["wrong"].startswith("wrong result")
+
+
+def test_the_choice_is_cached_on_disk(tmp_path, monkeypatch):
+    timer = Timer(stock=3.0, sdpa_efficient=1.0, sdpa_flash=2.0, sdpa_cudnn=2.5)
+    assert run_choice(timer)[0] == "sdpa_efficient"
+    assert set(timer.calls) == {"stock", "sdpa_efficient", "sdpa_flash", "sdpa_cudnn"}
+    assert autotune.cache_file().is_file() and autotune.cache_file().parent == tmp_path / "diffopt-cache"
+    # A second compile reads the choice: no timing at all, whatever the timer would say now.
+    again = Timer(stock=3.0, sdpa_efficient=9.0, sdpa_flash=1.0, sdpa_cudnn=2.5)
+    choice, t = run_choice(again)
+    assert choice == "sdpa_efficient" and again.calls == []
+    assert any("(cached)" in note for note in _notes(t.report))
+    # New versions measure again.
+    monkeypatch.setattr(diffopt, "__version__", diffopt.__version__ + ".post1")
+    assert run_choice(again)[0] == "sdpa_flash" and again.calls
+
+
+def test_calls_with_one_key_measure_once_per_graph():
+    timer = Timer(stock=3.0, sdpa_efficient=1.0)
+
+    def twice(x, context):
+        return bshd_attention(x, context) + bshd_attention(x.cos(), context.sin())
+
+    t = trace(twice, *attention_inputs(), options=options(timer))
+    assert t.report.matches("attention") == 2 and timer.calls.count("stock") == 1
+
+
+def test_forced_backend_is_not_timed():
+    timer = Timer()
+    choice, t = run_choice(timer, backend="sdpa_cudnn")
+    assert choice == "sdpa_cudnn" and timer.calls == []
+    # forced onto a dtype it does not take: stays stock, says why
+    choice, t = run_choice(timer, dtype=F32, backend="sdpa_cudnn")
+    assert choice is None and any("no candidate" in note for note in _notes(t.report))
+
+
+def test_flashinfer_absent_takes_the_sdpa_path(monkeypatch):
+    monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (None, "FlashInfer is not installed (test)"))
+    timer = Timer(stock=3.0, sdpa_efficient=2.0, flashinfer_fa3=0.1, flashinfer_fa2=0.2)
+    choice, t = run_choice(timer)
+    assert choice == "sdpa_efficient" and not any(name.startswith("flashinfer") for name in timer.calls)
+    assert any("flashinfer_fa3, flashinfer_fa2: FlashInfer is not installed" in note for note in _notes(t.report))
+
+
+def test_flashinfer_present_competes(monkeypatch):
+    # On CPU the op runs its reference for every backend, so "installed" is enough to take part.
+    monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (object(), None))
+    monkeypatch.setattr(kernels, "flashinfer_version", lambda: "0.7.2.post1")
+    timer = Timer(stock=3.0, sdpa_efficient=2.0, flashinfer_fa3=0.5, flashinfer_fa2=0.7)
+    assert run_choice(timer)[0] == "flashinfer_fa3"
+    assert {"flashinfer_fa3", "flashinfer_fa2"} <= set(timer.calls)
+
+
+# --- GPU ----------------------------------------------------------------------------------
+
+# (name, B, Hq, Hkv, Sq, Skv, D)
+REAL_SHAPES = [
+    ("wan-1.3b-self", 1, 12, 12, 32760, 32760, 128),
+    ("wan-1.3b-cross", 1, 12, 12, 32760, 512, 128),
+    ("cosmos3-gen", 1, 32, 8, 28520, 29032, 128),
+    ("image-1560", 1, 12, 12, 1560, 1560, 128),
+    ("wan-1.3b-self-cfg", 2, 12, 12, 32760, 32760, 128),
+    ("image-1560-cfg", 2, 12, 12, 1560, 1560, 128),
+]
+
+
+def _cuda_backends():
+    if not torch.cuda.is_available():
+        return []
+    device = torch.device("cuda")
+    return [b for b in kernels.BACKENDS if kernels.backend_unavailable(b, device) is None]
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "packed"])
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: s[0])
+def test_gpu_backends_match_sdpa_at_real_shapes(shape, layout):
+    _, B, Hq, Hkv, Sq, Skv, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Sq, Skv, D, layout, dtype=BF16, device="cuda")
+    scale = 1 / math.sqrt(D)
+    expected = sdpa(q, k, v)  # SDPA's default kernel (cuDNN on the H200)
+    meta = [torch.empty_strided(x.shape, x.stride(), dtype=BF16, device="meta") for x in (q, k, v)]
+    stock_layout = aten._scaled_dot_product_cudnn_attention.default(*meta, None, False)[0]
+    failures = {}
+    for backend in _cuda_backends():
+        if kernels.backend_unsupported(backend, BF16, D, D, grouped=Hq != Hkv):
+            continue
+        try:
+            out = OP(q, k, v, scale=scale, backend=backend, out_layout="cudnn")
+        except RuntimeError as error:  # an SDPA kernel that does not take this problem (e.g. GQA)
+            failures[backend] = str(error)[:200]
+            continue
+        why = autotune.mismatch(out, expected)
+        assert why is None, (backend, why)
+        assert out.stride() == stock_layout.stride(), backend
+    assert not {b for b in failures if b.startswith("flashinfer")}, failures
+
+
+@gpu
+@pytest.mark.parametrize("backend", [b for b in kernels.BACKENDS if b.startswith("flashinfer")])
+def test_gpu_flashinfer_under_cuda_graphs(backend):
+    if backend not in _cuda_backends():
+        pytest.skip(kernels.backend_unavailable(backend, torch.device("cuda")))
+    g = torch.Generator().manual_seed(0)
+    # S = 1560 attending over 512 tokens, 2 heads of 128, batch 2 (classifier-free guidance batched)
+    x, context = (torch.randn(2, s, 256, generator=g).to("cuda", BF16) for s in (1560, 512))
+
+    def stock(x, context):
+        q = x.unflatten(-1, (2, 128)).transpose(1, 2)
+        k, v = (t.unflatten(-1, (2, 128)).transpose(1, 2) for t in (context, context.flip(-1)))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    # torch.compile takes mode or options, not both: the backend gets both itself
+    compiled = torch.compile(stock, backend=functools.partial(
+        diffopt.diffopt_backend, mode="reduce-overhead",
+        options={"strict": True, "passes": {"attention": {"backend": backend}}}))
+    from torch._dynamo.utils import counters
+
+    from diffopt.report import Report, collecting
+
+    counters.clear()
+    report = Report()
+    with torch.no_grad(), collecting(report), torch._inductor.config.patch(fx_graph_cache=False):
+        for step in range(3):  # warm-up, capture, replay
+            got = compiled(x * (1 + step), context).clone()
+            assert autotune.mismatch(got, stock(x * (1 + step), context)) is None
+    assert _choice(report) == backend and report.matches("attention") == 1
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+@gpu
+@torch.no_grad()
+def test_gpu_pass_measures_and_matches_sdpa():
+    x = torch.randn(1, 1560, 12 * 128, device="cuda", dtype=BF16)
+
+    def stock(x):
+        q = x.unflatten(-1, (12, 128)).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q.flip(2), q * 0.5).transpose(1, 2).flatten(2)
+
+    report = diffopt.explain(stock, x, options={"strict": True})
+    (note,) = _notes(report)
+    assert "stock" in note and "ms" in note, note  # measured on the GPU, whatever won
+    assert autotune.mismatch(report.output, stock(x)) is None
