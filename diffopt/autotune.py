@@ -64,9 +64,9 @@ class Selection:
 def cache_file() -> Path:
     directory = os.environ.get("DIFFOPT_CACHE_DIR")
     if not directory:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        from diffopt import compat
 
-        directory = os.path.join(cache_dir(), "diffopt")
+        directory = os.path.join(compat.inductor_cache_dir(), "diffopt")
     return Path(directory) / "autotune.json"
 
 

@@ -47,6 +47,7 @@ PRIVATE: dict[str, tuple[tuple[str, str], ...]] = {
     "dynamo_graph": (("torch._dynamo.symbolic_convert", "tls"),),
     "wrap_backend_lookup": (("torch._dynamo.eval_frame", "get_compiler_fn"),),
     "intercept_frame_conversion": (("torch._dynamo.convert_frame", "convert_frame"),),
+    "inductor_cache_dir": (("torch._inductor.runtime.cache_dir_utils", "cache_dir"),),
     "triton_kernel_functional": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_functional"),),
     "triton_kernel_mutation": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_mutation"),),
     "resolve_process_group": (("torch.distributed.distributed_c10d", "_resolve_process_group"),),
@@ -95,6 +96,11 @@ def aot_autograd(**kwargs: Any) -> Callable[..., Any]:
 
 
 CustomGraphPass: type = _lookup("CustomGraphPass")  # the base class of an Inductor post-grad pass
+
+
+def inductor_cache_dir() -> str:
+    """Inductor's cache folder (``TORCHINDUCTOR_CACHE_DIR`` or its default)."""
+    return _required("inductor_cache_dir")()
 
 
 def triton_kernel_nodes() -> tuple[Any, Any]:

@@ -61,7 +61,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_kn
 from diffopt import autotune
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage, call_arguments, fake_value, insert_call
 from diffopt.kernels import attention as kernels
-from diffopt.step_constants import real_mode
+from diffopt.compat import real_mode
 
 aten = torch.ops.aten
 
