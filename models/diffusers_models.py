@@ -274,11 +274,12 @@ def diffusers_cosmos3_inputs(
 ) -> dict:
     """Keyword inputs of ``Cosmos3OmniTransformer.forward`` for one text-to-video item:
     ``config.prefix_len`` text tokens then one all-noisy latent video of ``latent_shape``
-    (frames, height, width), i.e. ``frames * height * width / patch**2`` generation tokens."""
+    (frames, height, width), i.e. ``frames * ceil(height / patch) * ceil(width / patch)``
+    generation tokens (the model pads odd sizes: 720p latents are 45 high)."""
     generator = torch.Generator().manual_seed(seed)
     patch = config.latent_patch_size
     frames, height, width = latent_shape
-    grid = (frames, height // patch, width // patch)
+    grid = (frames, -(-height // patch), -(-width // patch))
     num_text = config.prefix_len
     num_vision = grid[0] * grid[1] * grid[2]
     sequence_length = num_text + num_vision
