@@ -14,8 +14,9 @@ Preconditions: the op is an ATen/prims op that neither mutates, draws random
 numbers, nor has a data-dependent output (``.item()``, ``nonzero``; a gather by
 integer indices, ``table[positions]``, has none), and both nodes have the same
 target, the same arguments (the same nodes or equal constants) and the same
-keyword arguments, and the op reads at least one tensor (allocations and other
-factories are left to Inductor, which folds them into their consumers).
+keyword arguments, and the op is not an allocation (``empty``, ``empty_like``,
+``empty_strided``: undefined contents, and one shared buffer would live from the
+first use to the last).
 """
 from __future__ import annotations
 
@@ -35,10 +36,7 @@ class Dedupe(GraphPass):
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         first: dict[Any, fx.Node] = {}
         for node in list(graph.nodes):
-            # A factory call (empty, zeros, arange: no tensor input) costs nothing to repeat and Inductor
-            # folds it into its consumers; one shared result would be a buffer kept alive from its first
-            # use to its last (diffusers Wan's per-block empty_like: a 100 MB buffer across all 30 blocks).
-            if not is_pure_call(node) or not node.all_input_nodes:
+            if not is_pure_call(node) or _allocation(node):
                 continue
             key = _key(node)
             if key is None:
@@ -50,6 +48,17 @@ class Dedupe(GraphPass):
             graph.erase_node(node)
             if node.target is not operator.getitem:
                 log.add(node, replaced=f"second {_name(node.target)} of the same inputs", by="the first one's result")
+
+
+_ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+
+
+def _allocation(node: fx.Node) -> bool:
+    """A fresh buffer with undefined contents (``torch.empty_like(x)`` that stock code then fills). Two of
+    them are not one value, and a shared one would be a buffer kept alive from its first use to its
+    last: diffusers Wan's per-block ``empty_like`` for RoPE became one 100 MB buffer across all 30 blocks."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" and target._opname in _ALLOCATIONS
 
 
 def _key(node: fx.Node) -> Any:
