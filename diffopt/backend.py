@@ -23,9 +23,10 @@ import torch
 import torch.fx as fx
 
 from . import compat, scalar_capture
-from .graph_pass import Stage
+from .graph_pass import Stage, has_collectives
 from .options import Options
 from .pipeline import Pipeline, PostGradPasses, registered_passes
+from .report import record_cache_hit
 
 _graph_ids = itertools.count()
 
@@ -65,25 +66,17 @@ def diffopt_backend(
     if not parsed.inductor:
         return _compile_without_inductor(gm, example_inputs, pipeline, graph_name)
 
+    post_grad = PostGradPasses(pipeline, graph_name)
     config_patches = {
         **(compat.mode_options(mode) if mode and mode != "default" else {}),
-        **(COMMUNICATION_CONFIG if _has_collectives(gm) else {}),
+        **(COMMUNICATION_CONFIG if has_collectives(gm.graph) else {}),
         **dict(parsed.inductor_config),
-        "post_grad_custom_post_pass": PostGradPasses(pipeline, graph_name),
+        "post_grad_custom_post_pass": post_grad,
     }
-    return compat.compile_fx(gm, example_inputs, config_patches=config_patches)
-
-
-def _has_collectives(gm: fx.GraphModule) -> bool:
-    """Whether the Dynamo graph calls functional collectives (``torch.ops._c10d_functional.*``)."""
-    for node in gm.graph.nodes:
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            target = target.overloadpacket
-        if node.op == "call_function" and isinstance(target, torch._ops.OpOverloadPacket):
-            if target._qualified_op_name.startswith("_c10d_functional::"):
-                return True
-    return False
+    compiled = compat.compile_fx(gm, example_inputs, config_patches=config_patches)
+    if not post_grad.ran:  # Inductor's FX graph cache served the compiled graph: the passes did not run
+        record_cache_hit(graph_name)
+    return compiled
 
 
 def _compile_without_inductor(

@@ -69,6 +69,8 @@ class GraphPass:
     stage: ClassVar[Stage]
     defaults: ClassVar[dict[str, Any]] = {}
     on_by_default: ClassVar[bool] = True
+    # Rewrites of collectives: on a graph without any they cannot match, and the report says so.
+    needs_collectives: ClassVar[bool] = False
 
     def __init__(self, **config: Any) -> None:
         unknown = sorted(set(config) - set(self.defaults))
@@ -86,6 +88,16 @@ class GraphPass:
 
 
 # --- FX helpers -----------------------------------------------------------------
+
+
+def has_collectives(graph: fx.Graph) -> bool:
+    """Whether the graph calls functional collectives (``torch.ops._c10d_functional.*``)."""
+    for node in graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+            if target.namespace == "_c10d_functional":
+                return True
+    return False
 
 
 def is_pure(target: Any) -> bool:

@@ -9,10 +9,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+import torch
 import torch.fx as fx
 
 from . import __version__, compat
-from .graph_pass import GraphPass, RewriteLog, Stage, check_links
+from .graph_pass import GraphPass, RewriteLog, Stage, check_links, fake_value, has_collectives
 from .options import Options
 from .report import Decline, PassRun, Rewrite, record
 
@@ -45,6 +46,10 @@ class Pipeline:
                 self._run_one(graph_pass, graph, graph_name)
 
     def _run_one(self, graph_pass: GraphPass, graph: fx.Graph, graph_name: str) -> None:
+        note = _not_applicable(graph_pass, graph)
+        if note:
+            record(PassRun(graph_pass.name, graph_pass.stage.value, graph_name, 0, 0.0, note=note), [])
+            return
         log = RewriteLog()
         snapshot = _copy(graph)
         start = time.perf_counter()
@@ -75,6 +80,19 @@ class Pipeline:
             [Rewrite(graph_pass.name, graph_name, **entry) for entry in log.entries],
             [Decline(graph_pass.name, graph_name, **entry) for entry in log.declines],
         )
+
+
+def _not_applicable(graph_pass: GraphPass, graph: fx.Graph) -> str | None:
+    """Why ``graph_pass`` cannot match anything in ``graph``: no collectives for a collective rewrite, or
+    no tensor on a device its ``devices`` option names."""
+    if graph_pass.needs_collectives and not has_collectives(graph):
+        return "not applicable (no collectives)"
+    devices = graph_pass.config.get("devices")
+    if devices:
+        present = {value.device.type for node in graph.nodes if isinstance(value := fake_value(node), torch.Tensor)}
+        if present and not present.intersection(devices):
+            return f"off on {', '.join(sorted(present))} (option devices: {list(devices)})"
+    return None
 
 
 def _describe(exc: BaseException) -> str:
@@ -132,8 +150,10 @@ class PostGradPasses(compat.CustomGraphPass):
     def __init__(self, pipeline: Pipeline, graph_name: str) -> None:
         self.pipeline = pipeline
         self.graph_name = graph_name
+        self.ran = False  # stays False when Inductor's cache serves the compiled graph
 
     def __call__(self, graph: fx.Graph) -> None:
+        self.ran = True
         self.pipeline.run(Stage.POST_GRAD, graph, self.graph_name)
 
     def uuid(self) -> str:

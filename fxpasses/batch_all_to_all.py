@@ -78,6 +78,7 @@ aten = torch.ops.aten
 class BatchAllToAll(GraphPass):
     name = "batch_all_to_all"
     stage = Stage.POST_GRAD
+    needs_collectives = True
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         batches = _batches(graph)

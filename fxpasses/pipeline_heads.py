@@ -82,6 +82,7 @@ _SAME_SHAPE = (aten.clone.default, aten._to_copy.default, aten.alias.default, WA
 class PipelineHeads(GraphPass):
     name = "pipeline_heads"
     stage = Stage.POST_GRAD
+    needs_collectives = True
     defaults = {"chunks": 2}
     # On 2 and 4 H200s over NVLink it hid communication but did not make layers faster
     # (docs/ulysses.md); it is for links where the all-to-alls take a larger share.

@@ -118,6 +118,7 @@ _BAD_TAGS = tuple(
 class UlyssesPrefix(GraphPass):
     name = "ulysses_prefix"
     stage = Stage.POST_GRAD
+    needs_collectives = True
     defaults = {"replicated_inputs": (), "replicated_params": True}
 
     def __init__(self, **config: Any) -> None:

@@ -39,6 +39,7 @@ aten = torch.ops.aten
 class UnflattenAllToAll(GraphPass):
     name = "unflatten_all_to_all"
     stage = Stage.POST_GRAD
+    needs_collectives = True
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         for node in list(graph.nodes):
