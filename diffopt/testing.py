@@ -62,3 +62,46 @@ def _op_name(target: Any) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._opname}.{target._overloadname}"
     return getattr(target, "__name__", str(target))
+
+
+# --- tiny stock models for compiled-model tests ----------------------------------------------------
+# Each builder takes a dtype and returns (model, args, kwargs) at a tiny named config with one layer.
+
+
+def tiny_wan(dtype: torch.dtype):
+    """Our Wan reference (``diffopt.models.WanStack``)."""
+    from diffopt.models import WanStack, get_config, wan_example_inputs
+
+    config = get_config("wan-tiny", num_layers=1)
+    return WanStack(config), wan_example_inputs(config, dtype=dtype), {}
+
+
+def tiny_cosmos3(dtype: torch.dtype):
+    """Our Cosmos3 generation reference (``diffopt.models.Cosmos3GenStack``)."""
+    from diffopt.models import Cosmos3GenStack, cosmos3_example_inputs, get_config
+
+    config = get_config("cosmos3-tiny", num_layers=1)
+    return Cosmos3GenStack(config), cosmos3_example_inputs(config, dtype=dtype), {}
+
+
+def tiny_diffusers_wan(dtype: torch.dtype):
+    """diffusers' ``WanTransformer3DModel`` (skips the test where diffusers is not installed)."""
+    import pytest
+
+    pytest.importorskip("diffusers")
+    from diffopt.models import get_config
+    from diffopt.models.diffusers_models import build_diffusers_wan, diffusers_wan_inputs
+
+    config = get_config("wan-tiny", num_layers=1)
+    return build_diffusers_wan(config), (), {**diffusers_wan_inputs(config, dtype=dtype), "return_dict": False}
+
+
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` (tensors, possibly nested in lists, tuples and dicts) with floating tensors cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {key: cast_floats(v, dtype) for key, v in value.items()}
+    return value

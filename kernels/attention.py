@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .library import LIBRARY, first_definition
+
 __all__ = [
     "ATTENTION_SCHEMA", "BACKENDS", "OUT_LAYOUTS", "attention", "attention_reference", "backend_unavailable",
     "backend_unsupported", "check_attention_args",
@@ -329,18 +331,8 @@ _CUDA_KERNELS: dict[str, Callable[..., Tensor]] = {
 # --- registration ----------------------------------------------------------------------
 
 
-def _already_registered() -> bool:
-    # This file can be imported twice in one process under two module names (a source checkout
-    # on sys.path next to the installed package); the operator is registered once.
-    try:
-        torch.ops.diffopt.attention.default
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-_REGISTER = not _already_registered()
-_library = torch.library.Library("diffopt", "FRAGMENT")
+_REGISTER = first_definition("attention")
+_library = LIBRARY
 if _REGISTER:
     _library.define("attention" + ATTENTION_SCHEMA, tags=(torch.Tag.needs_exact_strides,))
 

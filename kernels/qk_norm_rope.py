@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .library import LIBRARY, first_definition
 from .reference import check_qk_norm_rope_args, output_like, qk_norm_rope_reference
 
 try:  # triton is optional: without it every device runs the reference
@@ -52,18 +53,8 @@ QK_NORM_ROPE_SCHEMA = (
 # aliasing-check wrappers, which cost a few hundred microseconds of host time per call on the
 # GPU machines (benchmarks/profile_qk_norm_rope.py). The op is for inference: it has no
 # autograd formula.
-def _already_registered() -> bool:
-    # This file can be imported twice in one process under two module names (a source checkout
-    # on sys.path next to the installed package); the operator is registered once.
-    try:
-        torch.ops.diffopt.qk_norm_rope.default
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-_REGISTER = not _already_registered()
-_library = torch.library.Library("diffopt", "FRAGMENT")
+_REGISTER = first_definition("qk_norm_rope")
+_library = LIBRARY
 if _REGISTER:
     _library.define("qk_norm_rope" + QK_NORM_ROPE_SCHEMA)
 

@@ -24,7 +24,7 @@ import diffopt
 from diffopt import autotune
 from diffopt.kernels import attention as kernels
 from diffopt.kernels.attention import attention_reference
-from diffopt.testing import count_ops, trace
+from diffopt.testing import cast_floats, count_ops, tiny_cosmos3, tiny_diffusers_wan, tiny_wan, trace
 
 OP = torch.ops.diffopt.attention
 OP_NAME = "diffopt.attention.default"
@@ -314,46 +314,13 @@ def test_the_ops_layout_is_the_stock_nodes():
     assert ours.meta["val"].stride() == stock.meta["val"][0].stride()
 
 
-def ours_wan(dtype):
-    from diffopt.models import WanStack, get_config, wan_example_inputs
-
-    config = get_config("wan-tiny", num_layers=1)
-    return WanStack(config), wan_example_inputs(config, dtype=dtype), {}
-
-
-def ours_cosmos3(dtype):
-    from diffopt.models import Cosmos3GenStack, cosmos3_example_inputs, get_config
-
-    config = get_config("cosmos3-tiny", num_layers=1)
-    return Cosmos3GenStack(config), cosmos3_example_inputs(config, dtype=dtype), {}
-
-
-def diffusers_wan(dtype):
-    pytest.importorskip("diffusers")
-    from diffopt.models import get_config
-    from diffopt.models.diffusers_models import build_diffusers_wan, diffusers_wan_inputs
-
-    config = get_config("wan-tiny", num_layers=1)
-    return build_diffusers_wan(config), (), {**diffusers_wan_inputs(config, dtype=dtype), "return_dict": False}
-
-
-def _cast(value, dtype):
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {key: _cast(v, dtype) for key, v in value.items()}
-    return value
-
-
 def _first(output):
     return output[0] if isinstance(output, (list, tuple)) else output
 
 
 # model -> attention calls in one layer (Wan: self + cross; Cosmos3 generation: GQA over prefix + own tokens)
-MODELS = {ours_wan: 2, ours_cosmos3: 1, diffusers_wan: 2}
-GROUPED = {ours_cosmos3}  # in fp32 no candidate takes grouped-query attention
+MODELS = {tiny_wan: 2, tiny_cosmos3: 1, tiny_diffusers_wan: 2}
+GROUPED = {tiny_cosmos3}  # in fp32 no candidate takes grouped-query attention
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
@@ -366,7 +333,7 @@ def test_fires_on_models_with_inductor(build, dtype):
     report = diffopt.explain(model, *args, options={"strict": True, **options(timer, inductor=True)}, **kwargs)
     expected = 0 if dtype == F32 and build in GROUPED else MODELS[build]
     assert report.matches("attention") == expected, str(report)
-    exact = copy.deepcopy(model).double()(*_cast(args, torch.float64), **_cast(kwargs, torch.float64))
+    exact = copy.deepcopy(model).double()(*cast_floats(args, torch.float64), **cast_floats(kwargs, torch.float64))
     stock = model(*args, **kwargs)
     ours = (_first(report.output).double() - _first(exact)).abs().max()
     theirs = (_first(stock).double() - _first(exact)).abs().max()
@@ -376,8 +343,11 @@ def test_fires_on_models_with_inductor(build, dtype):
 def _notes(report):
     """What the pass said about each attention call: the rewrites (with the measurements) and the
     declines (why the call stayed stock)."""
-    return [r.by for r in report.rewrites if r.pass_name == "attention"] + [
-        d.reason for d in report.declines if d.pass_name == "attention"]
+    return (
+        [r.by for r in report.rewrites if r.pass_name == "attention"]
+        + [d.reason for d in report.declines if d.pass_name == "attention"]
+        + [run.note for run in report.runs if run.pass_name == "attention" and run.note]  # e.g. off on this device
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,25 +5,8 @@ import pytest
 import torch
 
 import diffopt
-from diffopt.models import Cosmos3GenStack, WanStack, cosmos3_example_inputs, get_config, wan_example_inputs
-
-
-def ours_wan(dtype):
-    config = get_config("wan-tiny", num_layers=1)
-    return WanStack(config), wan_example_inputs(config, dtype=dtype), {}
-
-
-def ours_cosmos3(dtype):
-    config = get_config("cosmos3-tiny", num_layers=1)
-    return Cosmos3GenStack(config), cosmos3_example_inputs(config, dtype=dtype), {}
-
-
-def diffusers_wan(dtype):
-    pytest.importorskip("diffusers")
-    from diffopt.models.diffusers_models import build_diffusers_wan, diffusers_wan_inputs
-
-    config = get_config("wan-tiny", num_layers=1)
-    return build_diffusers_wan(config), (), {**diffusers_wan_inputs(config, dtype=dtype), "return_dict": False}
+from diffopt.models import get_config
+from diffopt.testing import cast_floats, tiny_cosmos3, tiny_diffusers_wan, tiny_wan
 
 
 def diffusers_cosmos3_layer(dtype):
@@ -36,21 +19,11 @@ def diffusers_cosmos3_layer(dtype):
 
 # model -> {pass: matches} for one layer
 EXPECTED = {
-    ours_wan: {"qk_norm_rope": 1},
-    ours_cosmos3: {"qk_norm_rope": 1, "split_contiguous": 3},
-    diffusers_wan: {"qk_norm_rope": 1},
+    tiny_wan: {"qk_norm_rope": 1},
+    tiny_cosmos3: {"qk_norm_rope": 1, "split_contiguous": 3},
+    tiny_diffusers_wan: {"qk_norm_rope": 1},
     diffusers_cosmos3_layer: {"qk_norm_rope": 2},  # understanding and generation pathways
 }
-
-
-def _cast(value, dtype):
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    return value
 
 
 def _max_error(got, want):
@@ -71,7 +44,7 @@ def test_compiled_matches_eager(build, dtype):
     for pass_name, count in EXPECTED[build].items():
         assert report.matches(pass_name) == count, (pass_name, str(report))
     stock = model(*args, **kwargs)
-    exact = copy.deepcopy(model).double()(*_cast(args, torch.float64), **_cast(kwargs, torch.float64))
+    exact = copy.deepcopy(model).double()(*cast_floats(args, torch.float64), **cast_floats(kwargs, torch.float64))
     ours, theirs = _max_error(report.output, exact), _max_error(stock, exact)
     if dtype == torch.float32:
         assert ours <= 1e-4 + 2 * theirs, (ours, theirs)

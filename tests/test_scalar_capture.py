@@ -17,6 +17,7 @@ import diffopt.fxpasses
 from diffopt import scalar_capture
 from diffopt.backend import diffopt_backend
 from diffopt.graph_pass import GraphPass, Stage
+from test_hoist_item import cfg_step  # three reads of one timestep element through different views
 
 READ = "aten::_local_scalar_dense"
 
@@ -127,15 +128,6 @@ def test_float_timesteps_on_cuda(form):
     for value in TIMESTEPS:
         t = torch.tensor([value], device="cuda")
         torch.testing.assert_close(fn(x, t, table), form(x, t, table), rtol=0, atol=0)
-
-
-def cfg_step(x, t):
-    # Three blocks read the same float timestep element through different views; the number
-    # decides slices (host decisions), so one read stays.
-    cond = (x * 2).sin()[: int(t.flatten()[0].item())].sum()
-    uncond = (x * 3).cos()[: int(t.reshape(1, 2)[0, 0].item())].sum()
-    again = x[: int(t.unsqueeze(0).expand(3, 2)[2, 0].item())].sum()
-    return cond + uncond + again
 
 
 @torch.no_grad()
