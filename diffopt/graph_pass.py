@@ -94,8 +94,9 @@ def has_collectives(graph: fx.Graph) -> bool:
     """Whether the graph calls functional collectives (``torch.ops._c10d_functional.*``)."""
     for node in graph.nodes:
         target = node.target
-        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
-            if target.namespace == "_c10d_functional":
+        # Dynamo's graphs call the packet (``torch.ops._c10d_functional.wait_tensor``), ATen graphs the overload
+        if node.op == "call_function" and isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            if str(target).startswith("_c10d_functional."):
                 return True
     return False
 
