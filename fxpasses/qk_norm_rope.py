@@ -372,7 +372,12 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
             return None
         candidates = []
         for cos, sin in ((tables[0], tables[1]), (tables[1], tables[0])):
-            candidates += [(cos, sin, "neox", length), (cos, sin, "neox", 2 * length), (cos, sin, "interleaved", 2 * length)]
+            candidates += [
+                (cos, sin, "neox", length),
+                (cos, sin, "neox", 2 * length),
+                (cos, sin, "interleaved", 2 * length),
+                (cos, sin, "interleaved", length),  # per-channel tables (each pair's entry repeated)
+            ]
     else:
         return None
     candidates = [c for c in candidates if 0 < c[3] <= head_dim and c[3] % 2 == 0]

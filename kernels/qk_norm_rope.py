@@ -68,7 +68,8 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_weight: Opt
     q [B,S,Hq,D], k [B,S,Hk,D] (fp32/bf16/fp16, any strides, any Hq:Hk); norm_over "head" (RMS over
     D, weight [D]) or "hidden" (RMS over H*D per token, weight [H*D]); weights may be None; q_eps and
     k_eps used as given. rope_style "neox" (half split; cos/sin last dim rope_dim = per channel or
-    rope_dim/2 = per pair) or "interleaved" (pairs (2j, 2j+1), last dim rope_dim/2); rope_dim=-1
+    rope_dim/2 = per pair) or "interleaved" (pairs (2j, 2j+1); last dim rope_dim/2 = per pair or
+    rope_dim = per channel); rope_dim=-1
     means D. cos/sin broadcast to [B,S,1,L] in fp32/bf16/fp16 with any strides, or are [P, L] caches
     indexed by positions ([B,S] or [S]). Returns new (q_out, k_out) in out_dtype (default q's/k's
     dtype), laid out like q and k (``reference.output_like``).

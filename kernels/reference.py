@@ -30,7 +30,7 @@ class QKNormRopeShape:
     D: int
     rope_dim: int
     table_len: int  # L: last dim of cos/sin
-    per_channel: bool  # True: L == rope_dim (neox only); False: L == rope_dim // 2 (one entry per pair)
+    per_channel: bool  # True: L == rope_dim (one entry per channel); False: L == rope_dim // 2 (one per pair)
 
 
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -82,9 +82,9 @@ def check_qk_norm_rope_args(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_
     need(cos.dtype in float_types and sin.dtype in float_types, "cos/sin must be fp32/bf16/fp16")
     L = cos.shape[-1] if cos.dim() > 0 else -1
     per_channel = L == rope_dim
-    need(L == rope_dim // 2 or (per_channel and rope_style == "neox"),
-         f"cos/sin last dim must be rope_dim/2={rope_dim // 2} (one entry per pair)"
-         + (f" or rope_dim={rope_dim} (one per channel)" if rope_style == "neox" else "") + f", got {L}")
+    need(L == rope_dim // 2 or per_channel,
+         f"cos/sin last dim must be rope_dim/2={rope_dim // 2} (one entry per pair) or rope_dim={rope_dim} "
+         f"(one per channel), got {L}")
     if positions is not None:
         need(cos.dim() == 2, f"with positions, cos/sin must be [P, L] caches, got {tuple(cos.shape)}")
         need(not positions.is_floating_point() and not positions.is_complex(), "positions must be an integer tensor")
@@ -125,8 +125,8 @@ def _norm_rope_one(x: Tensor, w: Optional[Tensor], eps: float, cos: Tensor, sin:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rope_style: str, rope_dim: int) -> Tensor:
     """The rotation alone, in x's dtype: the first rope_dim channels of each head rotate, the
-    rest pass through. cos/sin broadcast to x[..., :L] with L = rope_dim (per channel, neox
-    only) or rope_dim / 2 (per pair). The rewrite pass checks stock code against this."""
+    rest pass through. cos/sin broadcast to x[..., :L] with L = rope_dim (per channel) or
+    rope_dim / 2 (per pair). The rewrite pass checks stock code against this."""
     rot, rest = x[..., :rope_dim], x[..., rope_dim:]
     half = rope_dim // 2
     if rope_style == "neox":
@@ -135,9 +135,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rope_style: str, rope_dim: i
         x1, x2 = rot[..., :half], rot[..., half:]
         rot = torch.cat([x1 * cos[..., :half] - x2 * sin[..., :half],
                          x2 * cos[..., half:] + x1 * sin[..., half:]], -1)
-    else:  # interleaved pairs (2j, 2j+1), one table entry per pair
+    else:  # interleaved pairs (2j, 2j+1): one table entry per pair, or per channel (2j's and 2j+1's)
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rot = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+        if cos.shape[-1] == half:
+            c1 = c2 = cos
+            s1 = s2 = sin
+        else:  # diffusers' apply_rotary_emb(use_real_unbind_dim=-1): tables repeat_interleave(2)'d
+            c1, c2, s1, s2 = cos[..., 0::2], cos[..., 1::2], sin[..., 0::2], sin[..., 1::2]
+        rot = torch.stack([x1 * c1 - x2 * s1, x1 * s2 + x2 * c2], -1).flatten(-2)
     return torch.cat([rot, rest], -1)
 
 
@@ -155,7 +160,8 @@ def qk_norm_rope_reference(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_w
     rope_style "neox" (half split, h = rope_dim/2): out[i] = x[i]*cos[i] - x[i+h]*sin[i] (i < h),
     out[i] = x[i]*cos[i] + x[i-h]*sin[i] (h <= i < rope_dim); with per-pair tables (L = h) entry j
     serves channels j and j+h. "interleaved": out[2j] = x[2j]*c[j] - x[2j+1]*s[j],
-    out[2j+1] = x[2j]*s[j] + x[2j+1]*c[j], per-pair tables (L = h).
+    out[2j+1] = x[2j]*s[j] + x[2j+1]*c[j] with per-pair tables (L = h); with per-channel tables (L = rope_dim)
+    out[2j] = x[2j]*cos[2j] - x[2j+1]*sin[2j], out[2j+1] = x[2j]*sin[2j+1] + x[2j+1]*cos[2j+1].
     cos/sin broadcast to [B, S, 1, L] (L = rope_dim or rope_dim/2), or are [P, L] caches indexed by
     ``positions`` ([B, S] or [S] integers). Returns new tensors (q_out, k_out) in ``out_dtype`` (default:
     q's/k's dtype), each laid out like its input (``output_like``): the math is fp32 from the inputs'

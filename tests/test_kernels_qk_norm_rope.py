@@ -87,6 +87,15 @@ def stock_rope_wan(x, fcos, fsin, rd):
     return torch.cat([out.type_as(x), xp], -1)
 
 
+def stock_rope_interleaved_channel(x, cos, sin, rd):
+    """diffusers' apply_rotary_emb(use_real=True, use_real_unbind_dim=-1): per-channel tables (each
+    pair's frequency repeat_interleave(2)'d), x * cos + stack([-x_imag, x_real]) * sin."""
+    xr, xp = x[..., :rd], x[..., rd:]
+    x_real, x_imag = xr.reshape(*xr.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-x_imag, x_real], -1).flatten(-2)
+    return torch.cat([(xr * cos + rotated * sin).to(x.dtype), xp], -1)
+
+
 def stock_rope_complex(x, freqs, rd):
     """Flux/Lumina-style complex multiply on pairs (2j, 2j+1)."""
     xr, xp = x[..., :rd], x[..., rd:]
@@ -107,7 +116,7 @@ class Case:
     D: int = 16
     rope_dim: int = 16
     norm_over: str = "head"
-    form: str = "rotate_half"  # rotate_half | rotate_half_pair | wan | complex
+    form: str = "rotate_half"  # rotate_half | rotate_half_pair | wan | complex | interleaved_channel
     dtype: torch.dtype = F32
     table_dtype: torch.dtype = F32
     tables: str = "bcast"  # bcast [1,S,1,L] | full [B,S,1,L] | expand | seq3 [S,1,L] | pos_s | pos_bs
@@ -150,8 +159,9 @@ def build(case: Case, device="cpu"):
     kw = (1 + 0.5 * rn(nw(Hk))).to(dt) if case.weights else None
 
     # tables: base tensors whose trailing shape is `tail`, in the table dtype
-    L = rd // 2 if case.form != "rotate_half" else rd
-    tail = {"rotate_half": (rd,), "rotate_half_pair": (L,), "wan": (rd,), "complex": (L, 2)}[case.form]
+    L = rd if case.form in ("rotate_half", "interleaved_channel") else rd // 2
+    tail = {"rotate_half": (rd,), "rotate_half_pair": (L,), "wan": (rd,), "complex": (L, 2),
+            "interleaved_channel": (rd,)}[case.form]
     positions = None
     if case.tables.startswith("pos"):
         P = S + 5
@@ -193,6 +203,8 @@ def build(case: Case, device="cpu"):
                 x = stock_rope_wan(x, cb, sb, rd)
             elif case.form == "complex":
                 x = stock_rope_complex(x, torch.complex(cb, sb), rd)
+            elif case.form == "interleaved_channel":
+                x = stock_rope_interleaved_channel(x, cb, sb, rd)
             else:
                 x = stock_rope_rotate_half(x, cb, sb, rd)
             out.append(x)
@@ -244,6 +256,8 @@ CASES = [
          layout="bhsd", norm_impl="manual"),
     Case(Hq=16, Hk=2, D=64, rope_dim=32, form="wan", table_dtype=BF16, tables="expand", layout="packed",
          q_eps=1e-2, k_eps=1e-3),  # eps large enough to matter; each its own
+    Case(Hq=6, Hk=2, D=32, rope_dim=24, form="interleaved_channel", table_dtype=BF16, tables="full"),
+    Case(Hq=4, Hk=4, D=16, rope_dim=16, norm_over="hidden", form="interleaved_channel", tables="pos_bs"),
 ]
 ALL_DTYPES = [F32, BF16, F16]
 
@@ -267,7 +281,7 @@ except ImportError:  # pragma: no cover
 if given is not None:
     @st.composite
     def random_cases(draw):
-        form = draw(st.sampled_from(["rotate_half", "rotate_half_pair", "wan", "complex"]))
+        form = draw(st.sampled_from(["rotate_half", "rotate_half_pair", "wan", "complex", "interleaved_channel"]))
         D = draw(st.sampled_from([8, 16, 24, 40, 64]))
         rd = draw(st.sampled_from([D, D, 2 * draw(st.integers(1, D // 2))]))
         Hk = draw(st.integers(1, 3))
@@ -311,8 +325,7 @@ def test_table_layout_matters():
     torch.testing.assert_close(same, halves, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bad", ["rope_dim_odd", "rope_dim_big", "table_len", "interleaved_per_channel",
-                                 "weight_shape", "style", "table_shape"])
+@pytest.mark.parametrize("bad", ["rope_dim_odd", "rope_dim_big", "table_len", "weight_shape", "style", "table_shape"])
 def test_bad_arguments_raise(bad):
     q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 1, 8)
     c = s = torch.randn(1, 3, 1, 4)
@@ -324,9 +337,6 @@ def test_bad_arguments_raise(bad):
         kw["rope_dim"] = 10
     elif bad == "table_len":
         c = s = torch.randn(1, 3, 1, 6)
-    elif bad == "interleaved_per_channel":
-        kw["rope_style"] = "interleaved"
-        c = s = torch.randn(1, 3, 1, 8)
     elif bad == "weight_shape":
         w = torch.randn(16)  # per-head norm wants [D]
     elif bad == "style":
@@ -369,6 +379,8 @@ def test_opcheck(i):
 # Triton kernel in the interpreter (CPU), in a subprocess
 # ----------------------------------------------------------------------------------------------
 INTERP_CASES = [  # (case, config override); small: the interpreter runs each program in numpy
+    (Case(B=1, S=3, Hq=4, Hk=2, D=16, rope_dim=12, form="interleaved_channel", dtype=BF16, table_dtype=BF16,
+          layout="packed"), None),
     (Case(B=1, S=3, Hq=4, Hk=2, D=16, rope_dim=16, q_eps=0.1, k_eps=0.5), None),
     (Case(B=2, S=3, Hq=5, Hk=1, D=24, rope_dim=12, form="rotate_half_pair", dtype=BF16, table_dtype=BF16,
           tables="expand", layout="packed"), None),

@@ -309,3 +309,58 @@ def test_more_stock_forms(inductor, case):
     for got, want in zip(result.output, eager):
         assert got.stride() == want.stride()
         torch.testing.assert_close(got, want)
+
+
+# --- interleaved pairs with per-channel tables (issue 12, class A) ------------------------------------
+
+
+def diffusers_interleaved(q, k, wq, wk, cos, sin):
+    # diffusers' shared apply_rotary_emb(use_real=True, use_real_unbind_dim=-1, sequence_dim=1) (Flux,
+    # CogVideoX, HunyuanDiT): [S, D] tables, each pair's frequency repeat_interleave(2)'d
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    q = F.rms_norm(q, (q.shape[-1],), wq, 1e-6)
+    k = F.rms_norm(k, (k.shape[-1],), wk, 1e-6)
+    return apply_rotary_emb(q, (cos, sin), sequence_dim=1), apply_rotary_emb(k, (cos, sin), sequence_dim=1)
+
+
+@pytest.mark.parametrize("inductor", INDUCTOR)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_interleaved_pairs_with_per_channel_tables(inductor, dtype):
+    pytest.importorskip("diffusers")
+    B, S, H, D = 2, 6, 4, 16
+    g = torch.Generator().manual_seed(5)
+    freqs = torch.rand(S, D // 2, generator=g, dtype=torch.float64) * 6.28
+    cos, sin = freqs.cos().repeat_interleave(2, -1).float(), freqs.sin().repeat_interleave(2, -1).float()
+    args = (rand(B, S, H, D, seed=1, dtype=dtype), rand(B, S, 2, D, seed=2, dtype=dtype), rand(D, seed=3, dtype=dtype),
+            rand(D, seed=4, dtype=dtype), cos, sin)
+    eager = diffusers_interleaved(*args)
+    exact = diffusers_interleaved(*as_float64(args))
+    result = compile_and_run(diffusers_interleaved, args, inductor)
+    assert fired(result) == 1, result.report
+    assert [r.replaced for r in result.report.rewrites if r.pass_name == "qk_norm_rope"] == [
+        "RMSNorm (head) + interleaved RoPE (rope_dim 16) on q and k"]
+    for got, want, ref in zip(result.output, eager, exact):
+        assert got.dtype == want.dtype and got.stride() == want.stride()
+        # one rounding (the fused op) against eager's several: within an ulp of the output's scale, and no
+        # further from the float64 result than eager
+        ulp = torch.finfo(dtype).eps * ref.abs().max().item()
+        torch.testing.assert_close(got, want, atol=2 * ulp, rtol=torch.finfo(dtype).eps)
+        assert (got.double() - ref).abs().max().item() <= (want.double() - ref).abs().max().item() + ulp / 2
+
+
+def test_per_channel_tables_that_are_not_a_rotation_decline():
+    # near-miss: the odd channel's sin term uses the even channel's table entry with the wrong sign
+    def not_rotation(q, k, cos, sin):
+        def rot(x):
+            x = F.rms_norm(x, (x.shape[-1],), None, 1e-6)
+            x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+            return x * cos + torch.stack([x_imag, x_real], -1).flatten(-2) * sin
+        return rot(q), rot(k)
+
+    S, D = 5, 8
+    args = (rand(1, S, 2, D, seed=1), rand(1, S, 2, D, seed=2), rand(1, S, 1, D, seed=3), rand(1, S, 1, D, seed=4))
+    result = compile_and_run(not_rotation, args, False)
+    assert fired(result) == 0
+    for got, want in zip(result.output, not_rotation(*args)):
+        torch.testing.assert_close(got, want)
