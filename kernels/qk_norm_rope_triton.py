@@ -184,11 +184,15 @@ def _qk_norm_rope_kernel(
     jm = j < HALF
     # Pair j's table entries: with one per pair, entry j (for both its channels); with one per channel,
     # neox: entries j and j + HALF, interleaved: entries 2j and 2j + 1.
-    first = 2 * j if PER_CHANNEL and INTERLEAVED else j
+    if PER_CHANNEL and INTERLEAVED:
+        first = 2 * j
+        second = 2 * j + 1
+    else:
+        first = j
+        second = j + HALF
     c1 = tl.load(crow + first * s_cl, mask=jm, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(srow + first * s_sl, mask=jm, other=0.0).to(tl.float32)[None, :]
     if PER_CHANNEL:
-        second = 2 * j + 1 if INTERLEAVED else j + HALF
         c2 = tl.load(crow + second * s_cl, mask=jm, other=0.0).to(tl.float32)[None, :]
         s2 = tl.load(srow + second * s_sl, mask=jm, other=0.0).to(tl.float32)[None, :]
     else:
