@@ -25,7 +25,8 @@ Preconditions (all proven on the graph's fake tensors, else no rewrite):
   ``reshape`` that would copy the strided tensor (the copy would only move).
   Views are decided with ATen's own viewability rule on the exact sizes and
   strides (fake tensors accept some views eager rejects), so they need static sizes.
-- Consumers: no graph output, mutating op, op with a fixed-stride contract, or
+- Consumers: no graph output, mutating op, op with a fixed-stride contract, op that
+  reads memory order (``as_strided``), or
   non-ATen call is reached through a changed layout (those need the memory as
   it was).
 - Alignment: the strided tensor starts 16-byte aligned within its storage, so
@@ -148,6 +149,15 @@ def _static(size: object) -> int | None:
     return int(size) if is_concrete_int(size) else None
 
 
+# Ops that read their input's storage at the offsets and strides they are given, not through its own
+# strides: the same sizes in another layout are other values to them.
+_READS_MEMORY_ORDER = (
+    torch.ops.aten.as_strided.default,
+    torch.ops.aten.as_strided_copy.default,
+    torch.ops.aten.as_strided_scatter.default,
+)
+
+
 def _functional_aten(target: object) -> bool:
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
         return False
@@ -166,7 +176,7 @@ def _consumers_accept(node: fx.Node, new_value: object, updates: dict, depth: in
     values of the consumers whose layout changes.
     """
     for user in node.users:
-        if user.op == "output":
+        if user.op == "output" or user.target in _READS_MEMORY_ORDER:
             return False
         if user.target is not operator.getitem and not _functional_aten(user.target):
             return False

@@ -1,4 +1,5 @@
 """split_contiguous: fires on the stock forms, not on near-misses, and never changes results."""
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -233,3 +234,16 @@ def test_viewability_rule_agrees_with_eager(sizes, seed):
         except RuntimeError:
             eager = False
         assert _viewable(t, torch.empty(shape)) == eager, (t.shape, t.stride(), shape)
+
+
+@pytest.mark.parametrize("inductor", [False, True], ids=["aten", "inductor"])
+def test_as_strided_consumer_keeps_the_copy(inductor):
+    # F.rms_norm of a transposed tensor ends in a contiguous copy; as_strided reads that copy's memory
+    # order, so the copy must stay (found by the front-end generator, issue 13).
+    def fn(x, w):
+        y = torch.nn.functional.rms_norm(x.transpose(1, 2), (x.shape[-1],), w, 1e-6)
+        return y.as_strided((2, 3 * 6 * 8), (3 * 6 * 8, 1)) * 2
+
+    x, w = torch.randn(2, 6, 3, 8), torch.randn(8)
+    result = trace(fn, x, w, options={"inductor": inductor})
+    torch.testing.assert_close(result.output, fn(x, w))
