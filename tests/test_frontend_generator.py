@@ -73,6 +73,9 @@ NOT_FUSED: list[tuple[str, Callable[["Case"], bool]]] = [
     # What the fused op cannot compute (it declines, by design: docs/passes.md)
     ("eager rounds to a dtype coarser than its result's before the exit (a rounding the program asks for)",
      lambda c: _EPS[lowest_rounding(c)] > _EPS[rotated_dtype(c)]),
+    ("a transposed input whose stock result has another layout (the op writes its input's layout; the pass "
+     "declines rather than hand consumers other strides)",
+     lambda c: c.layout == "bhsd_input" and not rotated_q(c).transpose(1, 2).is_contiguous()),
     ("float64 math (the op computes in float32)",
      lambda c: c.dtype == "float64" or (c.table_dtype in ("float64", "complex128") and c.table_cast != "to_x")),
     # Forms the pass does not recognise yet (issue 12)
@@ -480,12 +483,17 @@ def asks_rounding(case: Case) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def rotated_dtype(case: Case) -> torch.dtype:
-    """The dtype of eager's rotated q (the pass's exit)."""
+def rotated_q(case: Case) -> torch.Tensor:
+    """Eager's rotated q (the pass's exit), without the case's consumer."""
     plain = dataclasses.replace(case, consumer="none", near_miss="none")
     model, inputs = eager_model(plain)
     with torch.no_grad():
-        return model(*inputs)[0].dtype
+        return model(*inputs)[0]
+
+
+def rotated_dtype(case: Case) -> torch.dtype:
+    """The dtype of eager's rotated q (the pass's exit)."""
+    return rotated_q(case).dtype
 
 
 def lossy(source: torch.dtype, target: torch.dtype) -> bool:
