@@ -9,9 +9,10 @@ computes: a precondition it cannot prove means it does not fire.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
-import inspect
 import operator
+import pathlib
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -56,6 +57,20 @@ class RewriteLog:
         return len(self.entries)
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of every Python file of the ``diffopt`` package and its ``fxpasses`` and ``kernels``."""
+    import diffopt.fxpasses
+    import diffopt.kernels
+
+    digest = hashlib.sha256()
+    for package in (sys.modules["diffopt"], diffopt.fxpasses, diffopt.kernels):
+        for path in sorted(pathlib.Path(list(package.__path__)[0]).glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 class GraphPass:
     """A rewrite of one stock form into its optimized form.
 
@@ -82,9 +97,12 @@ class GraphPass:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """Changes when the pass's code or its options change (for Inductor's FX graph cache)."""
-        source = inspect.getsource(sys.modules[type(self).__module__])
-        return hashlib.sha256(f"{source}{sorted(self.config.items())!r}".encode()).hexdigest()
+        """Changes when diffopt's code or the pass's options change (for Inductor's FX graph cache).
+
+        The code is all of diffopt's, not the pass's module alone: a pass's result also depends on the
+        shared helpers it calls and on the kernels it inserts (whose Triton source Inductor's cached
+        artifact carries)."""
+        return hashlib.sha256(f"{code_digest()}{type(self).__name__}{sorted(self.config.items())!r}".encode()).hexdigest()
 
 
 # --- FX helpers -----------------------------------------------------------------

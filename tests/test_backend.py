@@ -271,3 +271,12 @@ def test_mode_and_options_together():
     x = torch.randn(5, 4)
     compiled = torch.compile(model, backend="diffopt", options={"mode": "max-autotune-no-cudagraphs", "strict": True})
     torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_the_cache_key_covers_the_shared_code_and_kernels(monkeypatch):
+    # A pass's result depends on diffopt's helpers and on the kernels it inserts, not only on its module.
+    from diffopt import graph_pass
+
+    base = Pipeline(Options.parse({}, registered_passes())).fingerprint()
+    monkeypatch.setattr(graph_pass, "code_digest", lambda: "a kernel was edited")
+    assert Pipeline(Options.parse({}, registered_passes())).fingerprint() != base
