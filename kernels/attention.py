@@ -293,6 +293,32 @@ def _nhd_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, variant: str) -> boo
     return fold
 
 
+# Most thread blocks one SM of an sm80+ GPU keeps resident: a bound on FA2's occupancy.
+_MAX_BLOCKS_PER_SM = 32
+# FA2's largest query tile: the fewest thread blocks a launch can have.
+_FA2_MAX_CTA_TILE_Q = 128
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_kv_workspace(variant: str, q: Tensor, k: Tensor, fold: bool, size: int) -> Tensor:
+    """The ``tmp`` buffer of FlashInfer's single prefill: FA2 writes partial results there when it
+    splits the keys over several thread blocks (``partition_kv``), which it does only when the
+    launch has too few blocks to fill the GPU; the sm90 (fa3) kernel never reads it. A null
+    ``tmp`` (an empty tensor) turns the split off, so the 32 MB FlashInfer allocates per call is
+    allocated only where a split can happen: it sits on the attention's peak, in every layer."""
+    if variant == "fa2":
+        heads_q, heads_kv = q.shape[1] * (q.shape[0] if fold else 1), k.shape[1] * (k.shape[0] if fold else 1)
+        packed_rows = q.shape[2] * (heads_q // heads_kv)
+        fewest_blocks = heads_kv * -(-packed_rows // _FA2_MAX_CTA_TILE_Q)
+        resident = _MAX_BLOCKS_PER_SM * _sm_count(q.device)
+        if 2 * fewest_blocks <= resident:  # FlashInfer splits when at least two chunks fit
+            return torch.empty(size, dtype=torch.uint8, device=q.device)
+    return torch.empty(0, dtype=torch.uint8, device=q.device)
+
+
 def _flashinfer(variant: str) -> Callable[..., Tensor]:
     def run(q: Tensor, k: Tensor, v: Tensor, scale: float, out_layout: str) -> Tensor:
         flashinfer, _ = _flashinfer_import()
@@ -305,7 +331,7 @@ def _flashinfer(variant: str) -> Callable[..., Tensor]:
             target = torch.empty((B, S, H, Dv), dtype=out.dtype, device=out.device).transpose(1, 2)
             fold = _nhd_plan(q, k, v, target, variant)
         module = _prefill_module(variant, q.dtype, q.shape[-1], v.shape[-1])
-        tmp = torch.empty(utils.SINGLE_KERNEL_TMP_SIZE, dtype=torch.uint8, device=q.device)
+        tmp = _split_kv_workspace(variant, q, k, fold, utils.SINGLE_KERNEL_TMP_SIZE)
         for qb, kb, vb, ob in zip(*(_nhd_views(x, fold) for x in (q, k, v, target))):
             module.run(
                 q=qb, k=kb, v=vb, tmp=tmp, o=ob, maybe_lse=None,

@@ -185,6 +185,8 @@ class FakeFlashInfer:
                 for x in (q, k, v, o):
                     assert x.dim() == 3 and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
                 assert variant == "fa3" or o.is_contiguous(), "fa2 writes contiguous rows only"
+                # fa3 never reads the split-kv workspace; fa2 gets it where it can split (these shapes)
+                assert tmp.numel() == (0 if variant == "fa3" else fake.utils.SINGLE_KERNEL_TMP_SIZE)
                 fake.calls.append((variant, tuple(q.shape)))
                 heads = [attention_reference(q[:, j, None].transpose(0, 1)[None], k[:, j * k.shape[1] // q.shape[1], None]
                                              .transpose(0, 1)[None], v[:, j * k.shape[1] // q.shape[1], None]
@@ -192,6 +194,24 @@ class FakeFlashInfer:
                 o.copy_(torch.stack(heads, 1))
 
         return Module()
+
+
+@pytest.mark.parametrize(
+    "variant, B, Hq, Hkv, S, workspace",
+    [
+        ("fa3", 1, 12, 12, 64, False),  # the sm90 kernel never reads it
+        ("fa2", 1, 12, 12, 64, True),  # 12 blocks: FlashInfer splits the keys
+        ("fa2", 1, 12, 12, 32760, False),  # Wan 1.3B 480p: 3072 blocks fill 132 SMs
+        ("fa2", 1, 32, 8, 28520, False),  # Cosmos3, grouped: 8 x 892 blocks
+        ("fa2", 2, 12, 12, 2000, True),  # batch folded into 24 heads, 16 blocks each: 384, a split fits
+    ],
+)
+def test_split_kv_workspace_only_where_flashinfer_can_split(monkeypatch, variant, B, Hq, Hkv, S, workspace):
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    q = torch.empty(B, Hq, S, 128, device="meta", dtype=BF16)
+    k = torch.empty(B, Hkv, S, 128, device="meta", dtype=BF16)
+    tmp = kernels._split_kv_workspace(variant, q, k, True, 1 << 25)
+    assert tmp.numel() == (1 << 25 if workspace else 0)
 
 
 @pytest.mark.parametrize("variant", ["fa3", "fa2"])
@@ -202,6 +222,7 @@ def test_flashinfer_calls_mean_the_right_thing(monkeypatch, variant, layout, out
     fake = FakeFlashInfer()
     monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (fake, None))
     monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     q, k, v = make_qkv(B, Hq, Hkv, 6, Skv, 16, layout, dtype=BF16)
     run = kernels._CUDA_KERNELS[f"flashinfer_{variant}"]  # the CUDA implementation, on CPU tensors
     out = run(q, k, v, 0.3, out_layout)
