@@ -50,6 +50,7 @@ PRIVATE: dict[str, tuple[tuple[str, str], ...]] = {
     "inductor_cache_dir": (("torch._inductor.runtime.cache_dir_utils", "cache_dir"),),
     "triton_kernel_functional": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_functional"),),
     "triton_kernel_mutation": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_mutation"),),
+    "stable_topological_sort": (("torch._inductor.pattern_matcher", "stable_topological_sort"),),
     "resolve_process_group": (("torch.distributed.distributed_c10d", "_resolve_process_group"),),
     "process_groups": (("torch.distributed.distributed_c10d", "_world"),),
 }
@@ -107,6 +108,11 @@ def triton_kernel_nodes() -> tuple[Any, Any]:
     """(functional, mutating) higher-order ops of a user-defined Triton kernel launch in a graph
     (what ``torch.library.wrap_triton`` traces to; Inductor lowers them as its own kernels)."""
     return _required("triton_kernel_functional"), _required("triton_kernel_mutation")
+
+
+def stable_topological_sort(graph: fx.Graph) -> None:
+    """Reorder ``graph`` so that every node comes after its inputs, moving as few nodes as possible."""
+    _required("stable_topological_sort")(graph)
 
 
 # --- fake tensors and dispatch modes -------------------------------------------------------------

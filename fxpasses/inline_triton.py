@@ -13,6 +13,15 @@ those buffers like its own and launches the kernel from its generated code. The
 kernel, its arguments and its outputs' sizes, strides and dtypes are the op's, so
 the graph computes exactly what it did.
 
+An output whose only reader is a ``cat`` (through reshapes), as Cosmos3's rotated
+generation K ahead of its attention (``cat([k_und, k_gen])``): the kernel writes it
+straight into the cat's buffer, which is built with zeros in that block, so the
+result is not first written to a buffer of its own and then copied; this is what
+Inductor does with the stock rotation's elementwise code. The cat's value is the
+same: every element of the block is written by the kernel. Only where the block is
+one dense run of the cat's buffer laid out as the op's output (every dim before the
+cat's is 1, all of it contiguous, one dtype); else the output gets its own buffer.
+
 Preconditions (else the op call stays, with the reason in the report):
 
 - the call runs on CUDA and Triton is installed (the op's CUDA implementation is
@@ -60,6 +69,7 @@ class InlineTriton(GraphPass):
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         launches = _traceable_launches()
+        reordered = False
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in launches:
                 continue
@@ -67,8 +77,12 @@ class InlineTriton(GraphPass):
             if reason:
                 log.decline(node, reason)
                 continue
-            _inline(graph, node, launches[node.target])
-            log.add(node, replaced=f"opaque call of {node.target.name()}", by="its Triton kernel, buffers planned by Inductor")
+            into = _inline(graph, node, launches[node.target])
+            reordered |= into > 0
+            by = "its Triton kernel, buffers planned by Inductor" + (", written into the cat that reads it" * (into > 0))
+            log.add(node, replaced=f"opaque call of {node.target.name()}", by=by)
+        if reordered:  # a cat's other operands may be computed after the launch that now fills it
+            compat.stable_topological_sort(graph)
 
 
 def _tensor_args(node: fx.Node) -> list[torch.Tensor]:
@@ -86,22 +100,88 @@ def _not_inlinable(node: fx.Node) -> str | None:
     return None
 
 
-def _inline(graph: fx.Graph, node: fx.Node, launch: _Launch) -> None:
-    """Replace ``node`` by the graph of ``launch`` traced on the node's fake inputs."""
+@dataclasses.dataclass(frozen=True)
+class _CatExit:
+    """An output read only by ``cat`` (through ``chain``, the getitem and reshapes), as one dense block of it."""
+
+    cat: fx.Node
+    chain: tuple[fx.Node, ...]  # getitem, then the reshapes, in order
+    offset: int  # element offset of the block in the cat's buffer
+
+
+def _cat_exit(node: fx.Node, index: int, out: torch.Tensor) -> _CatExit | None:
+    getitems = [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
+    if len(getitems) != 1:
+        return None
+    chain = [getitems[0]]
+    while len(chain[-1].users) == 1 and next(iter(chain[-1].users)).target in _RESHAPES:
+        chain.append(next(iter(chain[-1].users)))
+    end = chain[-1]
+    if len(end.users) != 1:
+        return None
+    cat = next(iter(end.users))
+    if cat.target is not torch.ops.aten.cat.default or [a for a in cat.args[0] if a is end] != [end]:
+        return None
+    operands, result = [fake_value(a) for a in cat.args[0]], fake_value(cat)
+    dim = (cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)) % result.dim()
+    if not (
+        all(isinstance(v, torch.Tensor) and v.dim() == result.dim() and v.dtype == out.dtype for v in [*operands, result])
+        and all(v.is_contiguous() for v in (out, fake_value(end), result))
+        and all(size == 1 for size in result.shape[:dim])
+    ):
+        return None
+    before = sum(v.shape[dim] for v in operands[: cat.args[0].index(end)])
+    return _CatExit(cat, tuple(chain), before * result.stride(dim))
+
+
+def _zeros_in_place_of(graph: fx.Graph, exit: _CatExit) -> fx.Node:
+    """The cat with zeros where the output goes (Inductor writes the zeros into the cat's own buffer)."""
+    end = exit.chain[-1]
+    value = fake_value(end)
+    with graph.inserting_before(exit.cat):
+        zeros = graph.call_function(
+            torch.ops.aten.full.default, (list(value.shape), 0),
+            {"dtype": value.dtype, "layout": torch.strided, "device": value.device, "pin_memory": False},
+        )
+        zeros.meta["val"] = torch.zeros_like(value)
+        operands = [zeros if a is end else a for a in exit.cat.args[0]]
+        buffer = graph.call_function(torch.ops.aten.cat.default, (operands, *exit.cat.args[1:]), dict(exit.cat.kwargs))
+        buffer.meta.update({k: v for k, v in exit.cat.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
+    return buffer
+
+
+def _inline(graph: fx.Graph, node: fx.Node, launch: _Launch) -> int:
+    """Replace ``node`` by the graph of ``launch`` traced on the node's fake inputs; returns how many of
+    its outputs it writes into the cat that reads them."""
     arg_nodes = [a for a in node.args if isinstance(a, fx.Node)]
-    in_place = tuple(_owned_like(node.args[i], out) for i, out in zip(launch.inputs_of_outputs, fake_value(node)))
-    traced = _trace(launch, node, arg_nodes, in_place)
+    results = fake_value(node)
+    exits = [_cat_exit(node, i, out) for i, out in enumerate(results)]
+    if len({exit.cat for exit in exits if exit is not None}) < sum(exit is not None for exit in exits):
+        exits = [exits[0], *[None] * (len(exits) - 1)]  # one buffer per cat: the first output fills it
+    buffers = [None if exit is None else _zeros_in_place_of(graph, exit) for exit in exits]
+    in_place = tuple(
+        exit is None and _owned_like(node.args[i], out) for i, out, exit in zip(launch.inputs_of_outputs, results, exits)
+    )
+    into = tuple(None if exit is None else (buffer, exit.offset) for exit, buffer in zip(exits, buffers))
+    traced = _trace(launch, node, arg_nodes, in_place, into)
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    inputs = [*arg_nodes, *(buffer for buffer in buffers if buffer is not None)]
     with graph.inserting_before(node):
-        outputs = graph.graph_copy(traced.graph, dict(zip(placeholders, arg_nodes)))
+        outputs = graph.graph_copy(traced.graph, dict(zip(placeholders, inputs)))
     for new in outputs:
         for key in ("stack_trace", "nn_module_stack"):
             if key in node.meta:
                 new.meta.setdefault(key, node.meta[key])
-    for user in list(node.users):  # getitem(node, i)
+    for exit, output in zip(exits, outputs):
+        if exit is not None:  # the cat's value is now the filled buffer
+            exit.cat.replace_all_uses_with(output)
+            for dead in (exit.cat, *reversed(exit.chain)):
+                graph.erase_node(dead)
+    for user in list(node.users):  # getitem(node, i) of the outputs with buffers of their own
         user.replace_all_uses_with(outputs[user.args[1]])
         graph.erase_node(user)
     graph.erase_node(node)
+    return sum(exit is not None for exit in exits)
 
 
 def _owned_like(arg: Any, out: torch.Tensor) -> bool:
@@ -130,12 +210,16 @@ def _like(value: torch.Tensor) -> torch.Tensor:
 
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+# views that keep a contiguous tensor's elements in order (how the op's [B, S, H, D] output becomes a cat operand)
+_RESHAPES = (*_VIEWS, torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims, torch.ops.aten.unsqueeze.default)
 
 
-def _trace(launch: _Launch, node: fx.Node, arg_nodes: list[fx.Node], in_place: tuple[bool, ...]) -> fx.GraphModule:
+def _trace(launch: _Launch, node: fx.Node, arg_nodes: list[fx.Node], in_place: tuple[bool, ...],
+           into: tuple[tuple[fx.Node, int] | None, ...]) -> fx.GraphModule:
     """The launch traced with make_fx (decomposed as Inductor's post-grad graphs are), its kernel call made
     functional: the kernel writes only its outputs, so those are the tensors to clone, and Inductor's
-    reinplacing drops each clone whose buffer nothing else reads (a fresh buffer, or an input owned here)."""
+    reinplacing drops each clone whose buffer nothing else reads (a fresh buffer, an input owned here, or
+    a cat's buffer it fills). Placeholders: the node's tensor arguments, then the ``into`` buffers."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     triton_kernel_wrapper_functional, triton_kernel_wrapper_mutation = compat.triton_kernel_nodes()
@@ -146,9 +230,10 @@ def _trace(launch: _Launch, node: fx.Node, arg_nodes: list[fx.Node], in_place: t
     def call(*tensors):
         it, consts = iter(tensors), iter(constants)
         args = [next(it) if is_node else next(consts) for is_node in layout]
-        return launch.trace(*args, **node.kwargs, in_place=in_place)
+        targets = tuple(None if dst is None else (next(it), dst[1]) for dst in into)
+        return launch.trace(*args, **node.kwargs, in_place=in_place, into=targets)
 
-    fakes = [fake_value(a) for a in arg_nodes]
+    fakes = [fake_value(a) for a in [*arg_nodes, *(dst[0] for dst in into if dst is not None)]]
     with compat.detect_fake_mode(fakes) or contextlib.nullcontext():
         traced = make_fx(call, compat.inductor_decompositions())(*fakes)
         graph = traced.graph

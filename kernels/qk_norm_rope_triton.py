@@ -158,7 +158,7 @@ def _norm_rope_heads(x_ptr, o_ptr, s_oh, w_ptr, s_h, s_d, h0, eps, c1, s1, c2, s
 @triton.jit
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
-    S, s_qb, s_qs, s_qh, s_qd, s_kb, s_ks, s_kh, s_kd,
+    qo_off, ko_off, S, s_qb, s_qs, s_qh, s_qd, s_kb, s_ks, s_kh, s_kd,
     s_qob, s_qos, s_qoh, s_kob, s_kos, s_koh,
     s_cb, s_cs, s_cl, s_sb, s_ss, s_sl, s_pb, s_ps,
     q_eps, k_eps,
@@ -199,11 +199,11 @@ def _qk_norm_rope_kernel(
         c2 = c1
         s2 = s1
     if blk < NQB:
-        _norm_rope_heads(q_ptr + bi * s_qb + si * s_qs, qo_ptr + bi * s_qob + si * s_qos, s_qoh, qw_ptr, s_qh, s_qd, blk * BHQ,
+        _norm_rope_heads(q_ptr + bi * s_qb + si * s_qs, qo_ptr + qo_off + bi * s_qob + si * s_qos, s_qoh, qw_ptr, s_qh, s_qd, blk * BHQ,
                          q_eps, c1, s1, c2, s2, HQ, BHQ, D, ROPE_DIM, HALF, HB, PB, INTERLEAVED, HAS_PASS, HIDDEN,
                          HAS_QW, RNE, EV_X, EV_X1, EV_W)
     else:
-        _norm_rope_heads(k_ptr + bi * s_kb + si * s_ks, ko_ptr + bi * s_kob + si * s_kos, s_koh, kw_ptr, s_kh, s_kd,
+        _norm_rope_heads(k_ptr + bi * s_kb + si * s_ks, ko_ptr + ko_off + bi * s_kob + si * s_kos, s_koh, kw_ptr, s_kh, s_kd,
                          (blk - NQB) * BHK, k_eps, c1, s1, c2, s2, HK, BHK, D, ROPE_DIM, HALF, HB, PB,
                          INTERLEAVED, HAS_PASS, HIDDEN, HAS_KW, RNE, EV_X, EV_X1, EV_W)
 
@@ -274,6 +274,7 @@ def qk_norm_rope_traceable(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_w
                            cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None, *, norm_over: str,
                            rope_style: str, rope_dim: int, q_eps: float, k_eps: float,
                            out_dtype: Optional[torch.dtype] = None, in_place: tuple[bool, bool] = (False, False),
+                           into: tuple[Optional[tuple[Tensor, int]], Optional[tuple[Tensor, int]]] = (None, None),
                            ) -> tuple[Tensor, Tensor]:
     """The same launch through ``torch.library.wrap_triton``: traced (make_fx), it becomes Inductor's
     user-defined Triton kernel node writing into output buffers the graph allocates
@@ -281,23 +282,30 @@ def qk_norm_rope_traceable(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_w
 
     ``in_place``: write q's (k's) result over q (k) itself. Safe for this kernel: each program reads the
     rows it writes before writing them, and no program reads another's rows. The caller must own the
-    input (nothing reads it afterwards) and it must already have the output's layout and dtype."""
+    input (nothing reads it afterwards) and it must already have the output's layout and dtype.
+
+    ``into``: for q (k), ``(buffer, offset)``: write the result into ``buffer`` from element ``offset`` on,
+    laid out as the op's own output would be (which must then be dense: one block of ``buffer``), and
+    return ``buffer``. That is how a result whose only reader is a ``cat`` is written straight into the
+    cat's buffer."""
     from torch.library import wrap_triton
 
     return _launch(wrap_triton(_qk_norm_rope_kernel), q, k, q_weight, k_weight, cos, sin, positions,
                    norm_over=norm_over, rope_style=rope_style, rope_dim=rope_dim, q_eps=q_eps, k_eps=k_eps,
-                   out_dtype=out_dtype, in_place=in_place)
+                   out_dtype=out_dtype, in_place=in_place, into=into)
 
 
 def _launch(kernel, q, k, q_weight, k_weight, cos, sin, positions, *, norm_over, rope_style, rope_dim, q_eps, k_eps,
-            out_dtype=None, config=None, in_place=(False, False)):
+            out_dtype=None, config=None, in_place=(False, False), into=(None, None)):
     info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim,
                                    out_dtype)
     B, S, Hq, Hk, D, rd, L = info.B, info.S, info.Hq, info.Hk, info.D, info.rope_dim, info.table_len
     qo = q if in_place[0] else output_like(q, out_dtype)
     ko = k if in_place[1] else output_like(k, out_dtype)
+    # where each result goes: (tensor the kernel writes, element offset); strides stay the output's
+    (qo_dst, qo_off), (ko_dst, ko_off) = (dst if dst is not None else (out, 0) for dst, out in zip(into, (qo, ko)))
     if B * S == 0 or Hq * Hk == 0:
-        return qo, ko
+        return qo_dst, ko_dst
     hidden = norm_over == "hidden"
     cfg = dict(choose_config(Hq, Hk, D, norm_over))
     cfg.update(config or {})
@@ -322,8 +330,8 @@ def _launch(kernel, q, k, q_weight, k_weight, cos, sin, positions, *, norm_over,
     ev = ("evict_first", "evict_last", "evict_last") if cfg.get("hints") else ("", "", "")
     grid = (B * S * nb,)
     kernel[grid](
-        q, k, qo, ko, qw, kw, cos, sin, pos,
-        S, *q.stride(), *k.stride(), *qo.stride()[:3], *ko.stride()[:3], *cs, *ss, s_pb, s_ps,
+        q, k, qo_dst, ko_dst, qw, kw, cos, sin, pos,
+        qo_off, ko_off, S, *q.stride(), *k.stride(), *qo.stride()[:3], *ko.stride()[:3], *cs, *ss, s_pb, s_ps,
         float(q_eps), float(k_eps),
         HQ=Hq, HK=Hk, D=D, ROPE_DIM=rd, HALF=half, HB=_pow2(half), PB=_pow2(D - rd), BHQ=bhq, BHK=bhk,
         NQB=nqb, NB=nb, HIDDEN=hidden, INTERLEAVED=rope_style == "interleaved", PER_CHANNEL=info.per_channel,
@@ -331,4 +339,4 @@ def _launch(kernel, q, k, q_weight, k_weight, cos, sin, positions, *, norm_over,
         HAS_PASS=rd < D, RNE=q.device.type == "cpu", EV_X=ev[0], EV_X1=ev[1], EV_W=ev[2],
         num_warps=int(cfg["num_warps"]),
     )
-    return qo, ko
+    return qo_dst, ko_dst

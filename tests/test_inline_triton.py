@@ -74,3 +74,111 @@ def test_under_cuda_graphs():
         outputs = [o.clone() for o in compiled(*args)]
     for got, want in zip(outputs, eager):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+
+
+# --- an output read only by a cat: the kernel writes into the cat's buffer -----------------------------
+
+
+def prefix_layer(q, k, k_prefix, wq, wk, cos, sin, cat_dim=0):
+    """Cosmos3's generation attention: the rotated K goes after the understanding tokens' K."""
+    q = F.rms_norm(q, (q.shape[-1],), wq, 1e-6)
+    k = F.rms_norm(k, (k.shape[-1],), wk, 1e-6)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    return q, torch.cat([k_prefix, k], dim=cat_dim)
+
+
+def prefix_inputs(device, dtype, S=24, H=4, Hk=2, D=32, P=5, batch=(), prefix_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*batch, S, H, D, generator=g).to(device, dtype)
+    k = torch.randn(*batch, S, Hk, D, generator=g).to(device, dtype)
+    k_prefix = torch.randn(*batch, P, Hk, D, generator=g).to(device, prefix_dtype or dtype)
+    wq, wk = (torch.rand(D, generator=g) + 0.5).to(device, dtype), (torch.rand(D, generator=g) + 0.5).to(device, dtype)
+    ang = torch.rand(S, D // 2, generator=g) * 6.28
+    ang = torch.cat([ang, ang], -1)[:, None]
+    return q, k, k_prefix, wq, wk, ang.cos().to(device), ang.sin().to(device)
+
+
+def _rewritten_on_fake_cpu(monkeypatch, fn, args):
+    """The graph inline_triton leaves, from CPU stand-ins (the launch is traced, never run: Triton runs on CUDA)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffopt.fxpasses import inline_triton
+
+    monkeypatch.setattr(inline_triton, "_not_inlinable", lambda node: None)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        result = trace(fn, *[mode.from_tensor(a) for a in args], options={**ON_CPU, "inductor": False})
+    (launch,) = [n for n in result.graphs[-1][3].nodes if "triton_kernel_wrapper_functional" in str(n.target)]
+    return result, launch
+
+
+def test_output_read_by_a_cat_is_written_into_it(monkeypatch):
+    S, Hk, D, P = 24, 2, 32, 5
+    result, launch = _rewritten_on_fake_cpu(monkeypatch, prefix_layer, prefix_inputs("cpu", torch.float32, S=S, Hk=Hk, D=D, P=P))
+    assert result.report.matches("inline_triton") == 1
+    assert any("written into the cat" in r.by for r in result.report.rewrites if r.pass_name == "inline_triton")
+    params = launch.kwargs["kwargs"]
+    buffer = params["ko_ptr"]
+    # the buffer is the cat with zeros where the kernel writes, after the P prefix rows
+    assert buffer.target is torch.ops.aten.cat.default and buffer.args[0][1].target is torch.ops.aten.full.default
+    assert (params["ko_off"], params["qo_off"]) == (P * Hk * D, 0)
+    assert tuple(buffer.meta["val"].shape) == (P + S, Hk, D)
+    graph = result.graphs[-1][3]
+    output = next(n for n in graph.nodes if n.op == "output")
+    assert output.args[0][1].args == (launch, "ko_ptr")  # the model's cat is the filled buffer
+    assert sum(n.target is torch.ops.aten.cat.default for n in graph.nodes) == 1
+
+
+@pytest.mark.parametrize(
+    "why, kwargs, cat_dim",
+    [
+        ("the block is not dense: a batch dim comes before the cat's", dict(batch=(2,)), 1),
+        ("the cat promotes to another dtype", dict(prefix_dtype=torch.float64), 0),
+    ],
+)
+def test_output_read_by_a_cat_keeps_its_buffer_otherwise(monkeypatch, why, kwargs, cat_dim):
+    args = prefix_inputs("cpu", torch.float32, **kwargs)
+    result, launch = _rewritten_on_fake_cpu(monkeypatch, lambda *a: prefix_layer(*a, cat_dim=cat_dim), args)
+    assert result.report.matches("inline_triton") == 1, why
+    params = launch.kwargs["kwargs"]
+    assert params["ko_off"] == 0 and params["ko_ptr"].target is not torch.ops.aten.cat.default, why
+    assert any(n.target is torch.ops.aten.cat.default and launch in _ancestors(n) for n in result.graphs[-1][3].nodes)
+
+
+def _ancestors(node):
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_into_the_cat_numerics(inductor, dtype):
+    args = prefix_inputs("cuda", dtype, S=300, H=8, Hk=4, D=128, P=17)
+    eager = prefix_layer(*args)
+    result = trace(prefix_layer, *args, options={"inductor": inductor})
+    assert result.report.matches("inline_triton") == 1, result.report
+    assert any("written into the cat" in r.by for r in result.report.rewrites if r.pass_name == "inline_triton")
+    for got, want in zip(result.output, eager):
+        assert got.stride() == want.stride()
+        torch.testing.assert_close(got, want, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+    # the prefix rows are the prefix itself, bit for bit
+    assert torch.equal(result.output[1][:17], args[2])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_inductor_off_numerics():
+    args = inputs("cuda", torch.bfloat16)
+    eager = front(*args)
+    result = trace(front, *args, options={"inductor": False})
+    assert result.report.matches("inline_triton") == 1, result.report
+    for got, want in zip(result.output, eager):
+        assert got.stride() == want.stride()
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
