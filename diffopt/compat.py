@@ -52,6 +52,8 @@ PRIVATE: dict[str, tuple[tuple[str, str], ...]] = {
     "triton_kernel_mutation": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_mutation"),),
     "resolve_process_group": (("torch.distributed.distributed_c10d", "_resolve_process_group"),),
     "process_groups": (("torch.distributed.distributed_c10d", "_world"),),
+    "stable_topological_sort": (("torch._inductor.pattern_matcher", "stable_topological_sort"),),
+    "pattern_matcher": (("torch._inductor.pattern_matcher", "PatternMatcherPass"),),
 }
 
 
@@ -207,6 +209,23 @@ def clear_graph(graph: fx.Graph) -> None:
     settings = {key: value for key, value in vars(graph).items() if key in GRAPH_SETTINGS}
     fx.Graph.__init__(graph)
     vars(graph).update(settings)
+
+
+def stable_topological_sort(graph: fx.Graph) -> None:
+    """Reorder ``graph`` so every node follows its inputs, moving as few nodes as possible (Inductor's
+    ``stable_topological_sort``: a node that waits for an input goes right after it)."""
+    _required("stable_topological_sort")(graph)
+
+
+def eliminate_dead_code(graph: fx.Graph, is_impure: Callable[[fx.Node], bool]) -> None:
+    """``Graph.eliminate_dead_code`` with ``is_impure`` deciding what must stay although unused."""
+    graph.eliminate_dead_code(is_impure_node=is_impure)
+
+
+def pattern_matcher() -> Any:
+    """Inductor's pattern matcher module (``CallFunction``, ``KeywordArg``, ``PatternMatcherPass``,
+    ``register_graph_pattern`` ...): patterns are declared with its classes, matched by its passes."""
+    return importlib.import_module(_required("pattern_matcher").__module__)
 
 
 # --- Dynamo ---------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from diffopt import compat
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
+
+from .fx_utils import RESHAPES, fake_value, same_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ def _traceable_launches() -> dict[Any, _Launch]:
 class InlineTriton(GraphPass):
     name = "inline_triton"
     stage = Stage.POST_GRAD
+    after = ("qk_norm_rope",)  # it inlines the op qk_norm_rope inserts
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         launches = _traceable_launches()
@@ -112,24 +115,14 @@ def _owned_like(arg: Any, out: torch.Tensor) -> bool:
     while isinstance(node, fx.Node):
         if node.op != "call_function" or len(node.users) != 1:
             return False
-        if node.target not in _VIEWS:
+        if node.target not in RESHAPES:
             break
         node = node.args[0]
-    value = fake_value(arg)
-    return (
-        isinstance(node, fx.Node)
-        and value.dtype == out.dtype
-        and tuple(value.shape) == tuple(out.shape)
-        and tuple(value.stride()) == tuple(out.stride())
-        and value.storage_offset() == 0
-    )
+    return isinstance(node, fx.Node) and same_layout(arg, out) and fake_value(arg).storage_offset() == 0
 
 
 def _like(value: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
-
-
-_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
 
 
 def _trace(launch: _Launch, node: fx.Node, arg_nodes: list[fx.Node], in_place: tuple[bool, ...]) -> fx.GraphModule:
