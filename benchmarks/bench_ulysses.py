@@ -92,7 +92,7 @@ from diffopt.models.ulysses import (
 )
 
 from diffopt.backend import diffopt_backend
-from diffopt.graph_pass import fake_value
+from diffopt.fxpasses.fx_utils import fake_value
 from diffopt.pipeline import observing
 
 TINY = dataclasses.replace(get_config("cosmos3-sp-tiny"), gen_seq_len=30)

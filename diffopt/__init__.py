@@ -18,7 +18,9 @@ Options: :mod:`diffopt.options`. Docs: ``docs/passes.md`` (what each pass matche
 fire), ``docs/benchmarks.md`` (measured numbers and their commands), ``docs/attention.md``,
 ``docs/ulysses.md``, ``docs/vsa.md``; the README's Troubleshooting section.
 """
-__version__ = "0.1.0"
+import importlib.metadata
+
+__version__ = importlib.metadata.version("diffopt")  # pyproject.toml's; cache keys use the code's digest
 
 from .backend import diffopt_backend  # noqa: E402
 from .explain import explain  # noqa: E402

@@ -72,9 +72,9 @@ def cache_file() -> Path:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """What a measured choice depends on besides the call itself: the device and the library versions."""
-    import diffopt
+    from diffopt.graph_pass import code_digest
 
-    env: dict[str, Any] = {"torch": torch.__version__, "diffopt": diffopt.__version__, "device": device.type}
+    env: dict[str, Any] = {"torch": torch.__version__, "diffopt": code_digest(), "device": device.type}
     if device.type == "cuda":
         env.update(
             device=torch.cuda.get_device_name(device),

@@ -2,8 +2,7 @@
 
 ``torch.compile(model, backend="diffopt")`` reaches :func:`diffopt_backend`
 through the ``torch_dynamo_backends`` entry point. For each graph Dynamo
-captures it runs the pre-grad passes on the Dynamo graph, then hands the graph
-to Inductor with the post-grad passes installed as Inductor's
+captures it hands the graph to Inductor with the post-grad passes installed as Inductor's
 ``post_grad_custom_post_pass`` (whose ``uuid()`` keeps Inductor's FX graph cache
 on). With ``options={"inductor": False}`` the graph is lowered to ATen with the
 same decompositions Inductor uses, the post-grad passes run on it, and it runs
@@ -23,7 +22,8 @@ import torch
 import torch.fx as fx
 
 from . import compat, scalar_capture
-from .graph_pass import Stage, has_collectives
+from .fxpasses.fx_utils import has_collectives
+from .graph_pass import Stage
 from .options import Options
 from .pipeline import Pipeline, PostGradPasses, registered_passes
 from .report import record_cache_hit
@@ -60,7 +60,6 @@ def diffopt_backend(
     graph_name = f"graph {next(_graph_ids)}"
 
     scalar_capture.integer_reads(gm)
-    pipeline.run(Stage.PRE_GRAD, gm.graph, graph_name)
     gm.recompile()
 
     if not parsed.inductor:

@@ -50,9 +50,10 @@ PRIVATE: dict[str, tuple[tuple[str, str], ...]] = {
     "inductor_cache_dir": (("torch._inductor.runtime.cache_dir_utils", "cache_dir"),),
     "triton_kernel_functional": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_functional"),),
     "triton_kernel_mutation": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_mutation"),),
-    "stable_topological_sort": (("torch._inductor.pattern_matcher", "stable_topological_sort"),),
     "resolve_process_group": (("torch.distributed.distributed_c10d", "_resolve_process_group"),),
     "process_groups": (("torch.distributed.distributed_c10d", "_world"),),
+    "stable_topological_sort": (("torch._inductor.pattern_matcher", "stable_topological_sort"),),
+    "pattern_matcher": (("torch._inductor.pattern_matcher", "PatternMatcherPass"),),
 }
 
 
@@ -108,11 +109,6 @@ def triton_kernel_nodes() -> tuple[Any, Any]:
     """(functional, mutating) higher-order ops of a user-defined Triton kernel launch in a graph
     (what ``torch.library.wrap_triton`` traces to; Inductor lowers them as its own kernels)."""
     return _required("triton_kernel_functional"), _required("triton_kernel_mutation")
-
-
-def stable_topological_sort(graph: fx.Graph) -> None:
-    """Reorder ``graph`` so that every node comes after its inputs, moving as few nodes as possible."""
-    _required("stable_topological_sort")(graph)
 
 
 # --- fake tensors and dispatch modes -------------------------------------------------------------
@@ -213,6 +209,23 @@ def clear_graph(graph: fx.Graph) -> None:
     settings = {key: value for key, value in vars(graph).items() if key in GRAPH_SETTINGS}
     fx.Graph.__init__(graph)
     vars(graph).update(settings)
+
+
+def stable_topological_sort(graph: fx.Graph) -> None:
+    """Reorder ``graph`` so every node follows its inputs, moving as few nodes as possible (Inductor's
+    ``stable_topological_sort``: a node that waits for an input goes right after it)."""
+    _required("stable_topological_sort")(graph)
+
+
+def eliminate_dead_code(graph: fx.Graph, is_impure: Callable[[fx.Node], bool]) -> None:
+    """``Graph.eliminate_dead_code`` with ``is_impure`` deciding what must stay although unused."""
+    graph.eliminate_dead_code(is_impure_node=is_impure)
+
+
+def pattern_matcher() -> Any:
+    """Inductor's pattern matcher module (``CallFunction``, ``KeywordArg``, ``PatternMatcherPass``,
+    ``register_graph_pattern`` ...): patterns are declared with its classes, matched by its passes."""
+    return importlib.import_module(_required("pattern_matcher").__module__)
 
 
 # --- Dynamo ---------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Runs the enabled passes of one stage over a graph, each isolated from the others' failures."""
+"""The pass manager: runs the enabled passes of one stage over a graph in ``fxpasses.PIPELINE`` order,
+each isolated from the others' failures, then one cleanup.
+
+Passes declare what must run before them (``GraphPass.after``); :func:`check_order` holds the
+pipeline to it when the passes are looked up, so a reordering that breaks one is an error at once,
+not a missed rewrite."""
 from __future__ import annotations
 
 import contextlib
@@ -12,17 +17,34 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.fx as fx
 
-from . import __version__, compat
-from .graph_pass import GraphPass, RewriteLog, Stage, check_links, fake_value, has_collectives
+from . import compat
+from .fxpasses.fx_utils import check_links, eliminate_dead_code, fake_value, has_collectives, topological_sort
+from .graph_pass import GraphPass, RewriteLog, Stage
 from .options import Options
 from .report import Decline, PassRun, Rewrite, record
 
 
 def registered_passes() -> dict[str, type[GraphPass]]:
-    """Every pass, by name, in pipeline order (``fxpasses.PIPELINE``)."""
+    """Every pass, by name, in pipeline order (``fxpasses.PIPELINE``), checked by :func:`check_order`."""
     from diffopt.fxpasses import PIPELINE
 
+    check_order(PIPELINE)
     return {cls.name: cls for cls in PIPELINE}
+
+
+def check_order(passes: list[type[GraphPass]]) -> None:
+    """Raise unless every pass comes after the passes its ``after`` names (names that are in no
+    pipeline are errors too: a renamed pass must not silently drop a constraint)."""
+    from diffopt.fxpasses import PIPELINE
+
+    known = {cls.name for cls in [*PIPELINE, *passes]}
+    position = {cls.name: index for index, cls in enumerate(passes)}
+    for index, cls in enumerate(passes):
+        for name in cls.after:
+            if name not in known:
+                raise ValueError(f"diffopt: pass {cls.name!r} runs after {name!r}, which is no pass")
+            if position.get(name, -1) > index:
+                raise ValueError(f"diffopt: pass {cls.name!r} must run after {name!r}; the pipeline has it before")
 
 
 class Pipeline:
@@ -37,13 +59,16 @@ class Pipeline:
         ]
 
     def fingerprint(self) -> str:
-        parts = [__version__, repr(self.options.strict)] + [f"{p.name}:{p.fingerprint()}" for p in self.passes]
+        """The key of Inductor's FX graph cache: each pass's fingerprint (all of diffopt's code and the
+        pass's options) and the options that change how passes run."""
+        parts = [repr(self.options.strict)] + [f"{p.name}:{p.fingerprint()}" for p in self.passes]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def run(self, stage: Stage, graph: fx.Graph, graph_name: str) -> None:
         for graph_pass in self.passes:
             if graph_pass.stage is stage:
                 self._run_one(graph_pass, graph, graph_name)
+        cleanup(graph)
 
     def _run_one(self, graph_pass: GraphPass, graph: fx.Graph, graph_name: str) -> None:
         note = _not_applicable(graph_pass, graph)
@@ -80,6 +105,14 @@ class Pipeline:
             [Rewrite(graph_pass.name, graph_name, **entry) for entry in log.entries],
             [Decline(graph_pass.name, graph_name, **entry) for entry in log.declines],
         )
+
+
+def cleanup(graph: fx.Graph) -> None:
+    """What every run ends with (as vLLM's ``PostCleanupPass``): nodes in an order that has every input
+    first, and no unused pure node left over from a rewrite. Passes erase what they replace themselves
+    (a later pass must not see stale users); this catches what slipped through."""
+    topological_sort(graph)
+    eliminate_dead_code(graph)
 
 
 def _not_applicable(graph_pass: GraphPass, graph: fx.Graph) -> str | None:

@@ -54,7 +54,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from . import compat
-from .graph_pass import fake_value, source_line
+from .fxpasses.fx_utils import fake_value
+from .graph_pass import source_line
 
 log = logging.getLogger("diffopt")
 

@@ -1,4 +1,5 @@
-"""The rewrites, one file each. ``PIPELINE`` is the order they run in (within a stage).
+"""The rewrites, one file each. ``PIPELINE`` is the order they run in (within a stage); a pass that must
+follow others says so in its ``after``, and the pipeline is checked against it (``docs/passes.md``).
 
 Adding a pass: a new file here with a ``GraphPass`` subclass, plus its line below.
 """
@@ -29,6 +30,5 @@ PIPELINE = [
     UnflattenAllToAll,
     PipelineHeads,
     BatchAllToAll,
-    # last: the passes above match ATen's SDPA ops, which this one replaces
     Attention,
 ]

@@ -56,12 +56,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from diffopt import autotune
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, call_arguments, fake_value, insert_call
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 from diffopt.kernels import attention as kernels
 from diffopt.compat import real_mode
+
+from .fx_utils import call_arguments, fake_value, insert_call, same_layout
 
 aten = torch.ops.aten
 
@@ -92,6 +94,7 @@ class _Call:
 class Attention(GraphPass):
     name = "attention"
     stage = Stage.POST_GRAD
+    after = ("pipeline_heads", "batch_all_to_all")  # they match ATen's SDPA ops, which this pass replaces
     defaults = {"devices": ("cuda",), "backend": None, "timer": None}
 
     def __init__(self, **config: Any) -> None:
@@ -286,7 +289,7 @@ def _rewrite(graph: fx.Graph, call: _Call, backend: str) -> bool:
             graph, torch.ops.diffopt.attention.default, (call.q, call.k, call.v), node,
             {"scale": call.scale, "backend": backend, "out_layout": call.out_layout},
         )
-    if not _same_layout(fake_value(new), fake_value(node)[0]):
+    if not same_layout(new, fake_value(node)[0]):
         graph.erase_node(new)
         return False
     for user in list(node.users):
@@ -294,11 +297,3 @@ def _rewrite(graph: fx.Graph, call: _Call, backend: str) -> bool:
         graph.erase_node(user)
     graph.erase_node(node)
     return True
-
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, sizes and strides (every stride: consumers and Inductor may read them all)."""
-    if a.dtype != b.dtype or a.dim() != b.dim():
-        return False
-    pairs = list(zip(a.shape, b.shape)) + list(zip(a.stride(), b.stride()))
-    return all(statically_known_true(x == y) for x, y in pairs)

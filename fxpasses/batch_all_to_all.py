@@ -49,28 +49,12 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from diffopt import compat
-from diffopt.graph_pass import (
-    GraphPass,
-    RewriteLog,
-    Stage,
-    erase_unused,
-    fake_value,
-    insert_call,
-)
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from diffopt.collectives import (
-    A2A,
-    RESHAPES,
-    WAIT,
-    AllToAll,
-    ancestors,
-    is_long_running,
-    match_all_to_all,
-    restore_topological_order,
-)
+from .collectives import A2A, WAIT, AllToAll, all_to_alls, ancestors, is_long_running
+from .fx_utils import RESHAPES, consumers_accept, erase_dead, fake_value, insert_call, is_copy, topological_sort
 
 aten = torch.ops.aten
 
@@ -78,6 +62,8 @@ aten = torch.ops.aten
 class BatchAllToAll(GraphPass):
     name = "batch_all_to_all"
     stage = Stage.POST_GRAD
+    # the passes that match single all-to-alls see them before they are packed
+    after = ("ulysses_prefix", "unflatten_all_to_all", "pipeline_heads")
     needs_collectives = True
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
@@ -85,17 +71,14 @@ class BatchAllToAll(GraphPass):
         for batch in batches:
             _pack(graph, batch, log)
         if batches:
-            restore_topological_order(graph)
+            topological_sort(graph)
 
 
 def _batches(graph: fx.Graph) -> list[list[AllToAll]]:
     position = {node: index for index, node in enumerate(graph.nodes)}
     open_batches: dict[tuple, list[AllToAll]] = {}
     done: list[list[AllToAll]] = []
-    for node in graph.nodes:
-        collective = match_all_to_all(node)
-        if collective is None:
-            continue
+    for collective in all_to_alls(graph):
         value = collective.value
         key = (collective.group_name, collective.world_size, value.dtype, value.device)
         batch = open_batches.get(key)
@@ -160,7 +143,7 @@ def _pack(graph: fx.Graph, batch: list[AllToAll], log: RewriteLog) -> None:
         columns, bypassed = [], []
         for member in batch:
             source = member.input
-            if _is_contiguous_copy(source) and len(source.users) == 1:
+            if is_copy(source) and len(source.users) == 1:
                 bypassed.append(source)
                 source = source.args[0]  # the pack copies anyway
             width = member.value.numel() // world
@@ -183,8 +166,8 @@ def _pack(graph: fx.Graph, batch: list[AllToAll], log: RewriteLog) -> None:
             offset += width
             copies += not _unpack(graph, member, column)
     for member in batch:
-        erase_unused(graph, [member.wait, member.node, member.input, *bypassed])
-    erase_unused(graph, [node for node in graph.nodes if node not in existing])
+        erase_dead(graph, [member.wait, member.node, member.input, *bypassed])
+    erase_dead(graph, [node for node in graph.nodes if node not in existing])
     shapes = [list(member.value.shape) for member in batch]
     unpack = "views" if copies == 0 else f"{len(batch) - copies} views + {copies} contiguous copies"
     log.add(
@@ -206,7 +189,7 @@ def _unpack(graph: fx.Graph, member: AllToAll, column: fx.Node) -> bool:
     shape = list(member.value.shape)
     if member.rows == 1:
         view = insert_call(graph, aten.view.default, (column, shape), wait)
-        if _consumers_accept(wait, fake_value(view)):
+        if consumers_accept(wait, fake_value(view), copying_reshapes=True):
             wait.replace_all_uses_with(view)
             return True
         copy = insert_call(graph, aten.clone.default, (view,), wait, {"memory_format": torch.contiguous_format})
@@ -230,7 +213,7 @@ def _reshape_users_to_views(graph: fx.Graph, wait: fx.Node, column: fx.Node) -> 
                 value = aten.view.default(column_value, list(fake_value(user).shape))
         except Exception:
             return False
-        if not _consumers_accept(user, value):
+        if not consumers_accept(user, value, copying_reshapes=True):
             return False
     for user in users:
         with graph.inserting_before(user):
@@ -238,42 +221,3 @@ def _reshape_users_to_views(graph: fx.Graph, wait: fx.Node, column: fx.Node) -> 
         user.replace_all_uses_with(view)
         graph.erase_node(user)
     return True
-
-
-def _is_contiguous_copy(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and node.target is aten.clone.default
-        and node.kwargs.get("memory_format", torch.contiguous_format) == torch.contiguous_format
-        and set(node.kwargs) <= {"memory_format"}
-    )
-
-
-def _consumers_accept(node: fx.Node, value: torch.Tensor) -> bool:
-    """Whether every user of ``node`` computes the same sizes and strides from ``value`` as it did."""
-    mode = compat.detect_fake_mode([value])
-    for user in node.users:
-        if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
-            return False
-        if user.target.namespace not in ("aten", "prims") or user.target._schema.is_mutable:
-            return False
-        args, kwargs = fx.node.map_aggregate((user.args, user.kwargs), lambda a: value if a is node else fake_value(a))
-        try:
-            with mode:
-                out = user.target(*args, **kwargs)
-        except Exception:
-            return False
-        if not _same_layout(out, fake_value(user)):
-            return False
-    return True
-
-
-def _same_layout(a: object, b: object) -> bool:
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-        return False
-    return (
-        a.dtype == b.dtype
-        and a.dim() == b.dim()
-        and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
-        and all(statically_known_true(x == y) for x, y in zip(a.stride(), b.stride()))
-    )

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, is_pure_call
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
+
+from .fx_utils import is_pure
 
 
 class Dedupe(GraphPass):
@@ -36,7 +38,10 @@ class Dedupe(GraphPass):
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         first: dict[Any, fx.Node] = {}
         for node in list(graph.nodes):
-            if not is_pure_call(node) or _allocation(node):
+            # never an allocation (is_pure): two are not one value, and one shared buffer would be kept
+            # alive from its first use to its last (diffusers Wan's per-block empty_like for RoPE became
+            # one 100 MB buffer across all 30 blocks)
+            if not is_pure(node):
                 continue
             key = _key(node)
             if key is None:
@@ -48,17 +53,6 @@ class Dedupe(GraphPass):
             graph.erase_node(node)
             if node.target is not operator.getitem:
                 log.add(node, replaced=f"second {_name(node.target)} of the same inputs", by="the first one's result")
-
-
-_ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
-
-
-def _allocation(node: fx.Node) -> bool:
-    """A fresh buffer with undefined contents (``torch.empty_like(x)`` that stock code then fills). Two of
-    them are not one value, and a shared one would be a buffer kept alive from its first use to its
-    last: diffusers Wan's per-block ``empty_like`` for RoPE became one 100 MB buffer across all 30 blocks."""
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" and target._opname in _ALLOCATIONS
 
 
 def _key(node: fx.Node) -> Any:

@@ -73,7 +73,9 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from diffopt import compat
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value, insert_call
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
+
+from .fx_utils import concrete_shape, erase_dead, fake_value, insert_call, leaves, same_layout, views_of
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -180,7 +182,7 @@ class _Element:
 
 def _element_of(node: Any) -> _Element | None:
     value = fake_value(node)
-    if not isinstance(node, fx.Node) or not isinstance(value, torch.Tensor) or _static(value.shape) is None:
+    if not isinstance(node, fx.Node) or not isinstance(value, torch.Tensor) or concrete_shape(value) is None:
         return None
     if value.numel() != 1:
         return None
@@ -218,11 +220,6 @@ def _rounded_integer(node: fx.Node) -> fx.Node | None:
     return rounded
 
 
-def _static(shape: Iterable[Any]) -> tuple[int, ...] | None:
-    sizes = tuple(shape)
-    return sizes if all(isinstance(s, int) for s in sizes) else None
-
-
 def _unravel(index: int, shape: tuple[int, ...]) -> list[int]:
     multi = []
     for size in reversed(shape):
@@ -246,7 +243,7 @@ def _step_back(node: fx.Node, index: int) -> tuple[fx.Node, int] | None:
     out_value, in_value = fake_value(node), fake_value(source)
     if not isinstance(out_value, torch.Tensor) or not isinstance(in_value, torch.Tensor):
         return None
-    out_shape, in_shape = _static(out_value.shape), _static(in_value.shape)
+    out_shape, in_shape = concrete_shape(out_value), concrete_shape(in_value)
     if out_shape is None or in_shape is None or out_value.dtype != in_value.dtype:
         return None
     if target in _SAME_ORDER or _is_device_copy(node):
@@ -287,7 +284,7 @@ def _arg(node: fx.Node, position: int, default: Any) -> Any:
 
 
 def _select_back(source: fx.Node, multi: list[int], dim: int, index: int) -> tuple[fx.Node, int] | None:
-    in_shape = _static(fake_value(source).shape)
+    in_shape = concrete_shape(source)
     if in_shape is None:
         return None
     dim %= len(in_shape)
@@ -297,7 +294,7 @@ def _select_back(source: fx.Node, multi: list[int], dim: int, index: int) -> tup
 
 def _split_back(split: fx.Node, multi: list[int], piece: int) -> tuple[fx.Node, int] | None:
     source = split.args[0]
-    in_shape = _static(fake_value(source).shape)
+    in_shape = concrete_shape(source)
     if in_shape is None or len(split.args) < 2:
         return None
     dim = (split.args[2] if len(split.args) > 2 else 0) % len(in_shape)
@@ -342,7 +339,7 @@ def _mutated_storages(graph: fx.Graph) -> set:
             continue
         if not node.target._schema.is_mutable:
             continue
-        for leaf in _leaves((node.args, node.kwargs)):
+        for leaf in leaves((node.args, node.kwargs)):
             value = fake_value(leaf)
             if isinstance(value, torch.Tensor):
                 mutated.add(_storage(value))
@@ -395,20 +392,8 @@ def _merge(graph: fx.Graph, read: fx.Node, kept: fx.Node) -> bool:
     for user in scalar_users:  # graph order: inputs are recomputed first
         args, kwargs = fx.node.map_aggregate((user.args, user.kwargs), fake_value)
         user.meta["val"] = user.target(*args, **kwargs)
-    _erase_chain(graph, chain_start)
+    erase_dead(graph, [chain_start])
     return True
-
-
-def _erase_chain(graph: fx.Graph, node: Any) -> None:
-    """Erase ``node`` and, transitively, its inputs, as far as nothing else uses them."""
-    todo = [node]
-    while todo:
-        node = todo.pop()
-        if not isinstance(node, fx.Node) or node.op != "call_function" or node.users or getattr(node, "_erased", False):
-            continue
-        inputs = list(dict.fromkeys(node.all_input_nodes))
-        graph.erase_node(node)
-        todo.extend(inputs)
 
 
 # --- on device ----------------------------------------------------------------------
@@ -443,7 +428,7 @@ def _plan(
         if user.op != "call_function" or not isinstance(value, torch.Tensor):
             return None
         target = user.target
-        if target is aten.full.default and user.args[1] is read and read not in _leaves(user.args[0]):
+        if target is aten.full.default and user.args[1] is read and read not in leaves(user.args[0]):
             kind = "fill"
         elif target is aten.scalar_tensor.default and user.args[0] is read:
             kind = "fill"
@@ -478,42 +463,6 @@ def _plan(
     return plan
 
 
-def _leaves(tree: Any) -> list[Any]:
-    leaves: list[Any] = []
-    fx.node.map_aggregate(tree, lambda a: leaves.append(a))
-    return leaves
-
-
-def _same_layout(a: Any, b: Any) -> bool:
-    return (
-        isinstance(a, torch.Tensor)
-        and isinstance(b, torch.Tensor)
-        and a.dtype == b.dtype
-        and a.device == b.device
-        and tuple(a.shape) == tuple(b.shape)
-        and tuple(a.stride()) == tuple(b.stride())
-    )
-
-
-def _view_closure(node: fx.Node) -> list[fx.Node] | None:
-    """The views of ``node`` (transitively), in graph order; None if one reaches an output, a
-    mutation, ``as_strided`` (which reads the storage offset) or a non-ATen call."""
-    found: list[fx.Node] = []
-    todo = [node]
-    while todo:
-        for user in todo.pop().users:
-            if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
-                return None
-            schema = user.target._schema
-            if schema.is_mutable or user.target in (aten.as_strided.default, aten.as_strided_scatter.default):
-                return None
-            if any(r.alias_info is not None for r in schema.returns) and user not in found:
-                found.append(user)
-                todo.append(user)
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return sorted(found, key=order.__getitem__)
-
-
 def _recompute(views: list[fx.Node], changed: dict[fx.Node, Any]) -> dict[fx.Node, Any] | None:
     """New fake values of ``views`` once the nodes in ``changed`` produce their new values; None
     if one no longer has its old sizes and strides."""
@@ -529,7 +478,7 @@ def _recompute(views: list[fx.Node], changed: dict[fx.Node, Any]) -> dict[fx.Nod
             except Exception:
                 return None
             old = fake_value(view)
-            if isinstance(old, torch.Tensor) and not _same_layout(values[view], old):
+            if isinstance(old, torch.Tensor) and not (isinstance(values[view], torch.Tensor) and same_layout(values[view], old)):
                 return None
     return {view: values[view] for view in views}
 
@@ -542,7 +491,7 @@ def _to_device(graph: fx.Graph, read: fx.Node, element: _Element, select_on_devi
     views: dict[fx.Node, list[fx.Node]] = {}
     for user, kind in plan:
         if kind == "select":
-            closure = _view_closure(user)
+            closure = views_of(user)
             if closure is None:
                 return False
             views[user] = closure
@@ -580,7 +529,7 @@ def _to_device(graph: fx.Graph, read: fx.Node, element: _Element, select_on_devi
                 dim = user.args[1] % fake_value(table).dim()
                 index = _cast(call, element_node, torch.int64, fake_value(table).device)
                 new = call(aten.index.Tensor, (table, [None] * dim + [index]))
-        ok = _same_layout(fake_value(new), value)
+        ok = same_layout(new, value)
         if ok and kind == "select":
             recomputed = _recompute(views[user], {user: fake_value(new)})
             ok = recomputed is not None and not any(free_unbacked_symbols(v) & symbols for v in recomputed.values())
@@ -597,7 +546,7 @@ def _to_device(graph: fx.Graph, read: fx.Node, element: _Element, select_on_devi
         view.meta["val"] = value
     chain_start = read.args[0]
     graph.erase_node(read)
-    _erase_chain(graph, chain_start)
+    erase_dead(graph, [chain_start])
     return True
 
 

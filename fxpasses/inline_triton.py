@@ -42,7 +42,9 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from diffopt import compat
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
+
+from .fx_utils import ORDER_KEEPING_VIEWS, RESHAPES, fake_value, same_layout, topological_sort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,7 @@ def _traceable_launches() -> dict[Any, _Launch]:
 class InlineTriton(GraphPass):
     name = "inline_triton"
     stage = Stage.POST_GRAD
+    after = ("qk_norm_rope",)  # it inlines the op qk_norm_rope inserts
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         launches = _traceable_launches()
@@ -82,7 +85,7 @@ class InlineTriton(GraphPass):
             by = "its Triton kernel, buffers planned by Inductor" + (", written into the cat that reads it" * (into > 0))
             log.add(node, replaced=f"opaque call of {node.target.name()}", by=by)
         if reordered:  # a cat's other operands may be computed after the launch that now fills it
-            compat.stable_topological_sort(graph)
+            topological_sort(graph)
 
 
 def _tensor_args(node: fx.Node) -> list[torch.Tensor]:
@@ -114,7 +117,7 @@ def _cat_exit(node: fx.Node, index: int, out: torch.Tensor) -> _CatExit | None:
     if len(getitems) != 1:
         return None
     chain = [getitems[0]]
-    while len(chain[-1].users) == 1 and next(iter(chain[-1].users)).target in _RESHAPES:
+    while len(chain[-1].users) == 1 and next(iter(chain[-1].users)).target in ORDER_KEEPING_VIEWS:
         chain.append(next(iter(chain[-1].users)))
     end = chain[-1]
     if len(end.users) != 1:
@@ -192,26 +195,14 @@ def _owned_like(arg: Any, out: torch.Tensor) -> bool:
     while isinstance(node, fx.Node):
         if node.op != "call_function" or len(node.users) != 1:
             return False
-        if node.target not in _VIEWS:
+        if node.target not in RESHAPES:
             break
         node = node.args[0]
-    value = fake_value(arg)
-    return (
-        isinstance(node, fx.Node)
-        and value.dtype == out.dtype
-        and tuple(value.shape) == tuple(out.shape)
-        and tuple(value.stride()) == tuple(out.stride())
-        and value.storage_offset() == 0
-    )
+    return isinstance(node, fx.Node) and same_layout(arg, out) and fake_value(arg).storage_offset() == 0
 
 
 def _like(value: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
-
-
-_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
-# views that keep a contiguous tensor's elements in order (how the op's [B, S, H, D] output becomes a cat operand)
-_RESHAPES = (*_VIEWS, torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims, torch.ops.aten.unsqueeze.default)
 
 
 def _trace(launch: _Launch, node: fx.Node, arg_nodes: list[fx.Node], in_place: tuple[bool, ...],

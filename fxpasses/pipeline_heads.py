@@ -63,17 +63,16 @@ extra copies cost what was hidden), so it is not on by default.
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from diffopt.collectives import A2A, ATTENTION_ARGS, RESHAPES, WAIT
+from .collectives import A2A, ATTENTION_ARGS, WAIT
+from .fx_utils import RESHAPES, concrete_shape, erase_dead, insert_call, reshaped_dim
 
 aten = torch.ops.aten
 _SAME_SHAPE = (aten.clone.default, aten._to_copy.default, aten.alias.default, WAIT)
@@ -82,6 +81,8 @@ _SAME_SHAPE = (aten.clone.default, aten._to_copy.default, aten.alias.default, WA
 class PipelineHeads(GraphPass):
     name = "pipeline_heads"
     stage = Stage.POST_GRAD
+    # follows the heads through collectives on the buffer's own shape (unflatten_all_to_all's result)
+    after = ("ulysses_prefix", "unflatten_all_to_all")
     needs_collectives = True
     defaults = {"chunks": 2}
     # On 2 and 4 H200s over NVLink it hid communication but did not make layers faster
@@ -99,42 +100,26 @@ class PipelineHeads(GraphPass):
 # --- which dim holds the heads, through one op --------------------------------------------
 
 
-def _shape(node: Any) -> list[int] | None:
-    value = fake_value(node)
-    if not isinstance(value, torch.Tensor) or not all(is_concrete_int(s) for s in value.shape):
-        return None
-    return [int(s) for s in value.shape]
-
-
-def _reshaped_dim(source: list[int], target: list[int], dim: int) -> int | None:
-    """The dim of ``target`` that is ``source``'s ``dim`` kept whole by a reshape, or None."""
-    before = math.prod(source[:dim])
-    for index, size in enumerate(target):
-        if size == source[dim] and math.prod(target[:index]) == before:
-            return index
-    return None
-
-
 def _inputs_backward(node: fx.Node, dim: int) -> list[tuple[fx.Node, int | None]] | None:
     """For ``node``'s output chunked along ``dim``: each tensor input and the dim it is chunked
     along (None: read whole by every chunk), or None when ``node`` is not head-parallel."""
     target, args = node.target, node.args
-    out = _shape(node)
+    out = concrete_shape(node)
     if out is None or not args:
         return None
     rank = len(out)
     if target is aten.cat.default:
         cat_dim = (args[1] if len(args) > 1 else node.kwargs.get("dim", 0)) % rank
         pieces = list(args[0])
-        if cat_dim == dim or any(_shape(p) is None or len(_shape(p)) != rank for p in pieces):
+        if cat_dim == dim or any(concrete_shape(p) is None or len(concrete_shape(p)) != rank for p in pieces):
             return None
         return [(piece, dim) for piece in pieces]
     source = args[0]
     if not isinstance(source, fx.Node):
         return None
     if target in RESHAPES:
-        shape = _shape(source)
-        found = None if shape is None else _reshaped_dim(out, shape, dim)
+        shape = concrete_shape(source)
+        found = None if shape is None else reshaped_dim(out, shape, dim)
         return None if found is None else [(source, found)]
     if target is aten.permute.default:
         return [(source, list(args[1])[dim] % rank)]
@@ -153,7 +138,7 @@ def _inputs_backward(node: fx.Node, dim: int) -> list[tuple[fx.Node, int | None]
             return None
         return [(source, dim if dim < inserted else dim - 1)]
     if target is aten.expand.default:
-        shape = _shape(source)
+        shape = concrete_shape(source)
         if shape is None:
             return None
         own = dim - (rank - len(shape))
@@ -171,11 +156,11 @@ def _output_forward(node: fx.Node, source_dim: int) -> int | None:
         return None
     if any(isinstance(a, fx.Node) for a in list(args[1:]) + list(node.kwargs.values())):
         return None
-    out, shape = _shape(node), _shape(args[0])
+    out, shape = concrete_shape(node), concrete_shape(args[0])
     if out is None or shape is None:
         return None
     if target in RESHAPES:
-        return _reshaped_dim(shape, out, source_dim)
+        return reshaped_dim(shape, out, source_dim)
     if target is aten.permute.default:
         perm = [p % len(shape) for p in args[1]]
         return perm.index(source_dim)
@@ -207,7 +192,7 @@ class _Region:
         for node, dim in list(self.dims.items()) + list(self.leaves.items()):
             if node is self.attention:
                 continue  # a tuple; its output 0 is in the region
-            shape = _shape(node)
+            shape = concrete_shape(node)
             if shape is None:
                 return None
             sizes.append(shape[dim])
@@ -237,7 +222,7 @@ def _find_region(attention: fx.Node, max_chunks: int) -> _Region | None:
     outputs = [u for u in users if u.target is operator.getitem and u.args[1] == 0]
     if len(outputs) != 1 or any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in users):
         return None
-    q_shape, k_shape = _shape(inputs["q"]), _shape(inputs["k"])
+    q_shape, k_shape = concrete_shape(inputs["q"]), concrete_shape(inputs["k"])
     if q_shape is None or k_shape is None or len(q_shape) != 4 or q_shape[1] % k_shape[1]:
         return None
     chunks = max((n for n in range(1, max_chunks + 1) if k_shape[1] % n == 0), default=1)
@@ -259,7 +244,7 @@ def _find_region(attention: fx.Node, max_chunks: int) -> _Region | None:
         want(inputs[name], 1)
     mask = inputs["mask"]
     if mask is not None:
-        mask_shape = _shape(mask)
+        mask_shape = concrete_shape(mask)
         if mask_shape is None:
             return None
         if len(mask_shape) >= 3 and mask_shape[-3] != 1:
@@ -323,7 +308,7 @@ def _find_region(attention: fx.Node, max_chunks: int) -> _Region | None:
 
 
 def _emit(graph: fx.Graph, attention: fx.Node, region: _Region, log: RewriteLog) -> None:
-    heads = _shape(region.output)[1]
+    heads = concrete_shape(region.output)[1]
     position = {node: index for index, node in enumerate(graph.nodes)}
     nodes = sorted(region.dims, key=position.__getitem__)
     collectives = [node for node in nodes if node.target is A2A]
@@ -343,7 +328,7 @@ def _emit(graph: fx.Graph, attention: fx.Node, region: _Region, log: RewriteLog)
         if arg in region.leaves:
             if slices[arg][c] is None:
                 dim = region.leaves[arg]
-                width = _shape(arg)[dim] // region.chunks
+                width = concrete_shape(arg)[dim] // region.chunks
                 slices[arg][c] = insert_call(graph, aten.slice.Tensor, (arg, dim, c * width, (c + 1) * width), arg)
             return slices[arg][c]
         return arg
@@ -351,7 +336,7 @@ def _emit(graph: fx.Graph, attention: fx.Node, region: _Region, log: RewriteLog)
     def emit(node: fx.Node, c: int) -> None:
         args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), lambda a: chunk_of(a, c))
         target = node.target
-        expected = _shape(node)  # None for the attention's tuple
+        expected = concrete_shape(node)  # None for the attention's tuple
         if expected is not None:
             expected[region.dims[node]] //= region.chunks
         if target in RESHAPES:
@@ -359,8 +344,8 @@ def _emit(graph: fx.Graph, attention: fx.Node, region: _Region, log: RewriteLog)
         elif target is aten.expand.default:
             args = (args[0], expected, *args[2:])
         copy = insert_call(graph, target, tuple(args), node, kwargs)
-        if expected is not None and _shape(copy) != expected:
-            raise RuntimeError(f"pipeline_heads: chunk of {node.format_node()} has shape {_shape(copy)}, expected {expected}")
+        if expected is not None and concrete_shape(copy) != expected:
+            raise RuntimeError(f"pipeline_heads: chunk of {node.format_node()} has shape {concrete_shape(copy)}, expected {expected}")
         copies[node][c] = copy
 
     with graph.inserting_before(attention):
@@ -387,7 +372,7 @@ def _emit(graph: fx.Graph, attention: fx.Node, region: _Region, log: RewriteLog)
         f"all-to-alls run under the neighbouring chunk's attention",
     )
     unread_outputs = [user for user in attention.users if user is not region.output]
-    erase_unused(graph, unread_outputs + nodes)
+    erase_dead(graph, unread_outputs + nodes)
 
 
 def _ancestors_within(roots: list[fx.Node], region: _Region) -> set[fx.Node]:

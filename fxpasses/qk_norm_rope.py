@@ -55,17 +55,18 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from diffopt import compat
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call, is_pure_call
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 from diffopt.kernels.reference import apply_rope
+
+from .fx_utils import RESHAPES as _VIEWS, concrete as _concrete, erase_dead, fake_value, insert_call, is_pure
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 _CASTS = (prims.convert_element_type.default, aten._to_copy.default, aten.clone.default, aten.alias.default)
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _MAX_REGION = 48  # nodes; real rotations take 5-15
 
 
@@ -95,6 +96,7 @@ class _Site:
 class QKNormRope(GraphPass):
     name = "qk_norm_rope"
     stage = Stage.POST_GRAD
+    after = ("dedupe",)  # q and k normed from one tensor share one statistic once dedupe merged them
     # Devices with a fast kernel. On CPU the op runs its plain-torch reference, which is slower
     # than Inductor's own fused C++ code; tests add "cpu" to exercise the rewrite there.
     defaults = {"devices": ("cuda",)}
@@ -139,10 +141,6 @@ class QKNormRope(GraphPass):
 # --- shapes (dims may be symbolic: batch and tokens often are) -------------------
 
 
-def _concrete(size: Any) -> int | None:
-    return int(size) if is_concrete_int(size) else None
-
-
 def _concrete_shape(sizes: Any) -> tuple[int, ...]:
     shape = tuple(_concrete(size) for size in sizes)
     if None in shape:
@@ -178,33 +176,47 @@ def _scalar(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+_patterns = compat.pattern_matcher()
+
+
+def _norm_anchor(square: Any) -> Any:
+    """``rsqrt(mean(square, dims, keepdim=True) + eps)``; the eps add and ``square`` used once, the mean
+    maybe by other norms' eps adds (post-grad graphs pass ``keepdim`` by position)."""
+    return _patterns.CallFunction(
+        aten.rsqrt.default,
+        _patterns.CallFunction(
+            [aten.add.Scalar, aten.add.Tensor],
+            _patterns.CallFunction(aten.mean.dim, square, _patterns.KeywordArg("dims"), True, _users=_patterns.MULTIPLE),
+            _patterns.KeywordArg("eps"),
+        ),
+    )
+
+
+# The norm's statistic, X^2 written as pow(X, 2) or X * X (X maybe an upcast of the normed tensor).
+_NORM_ANCHORS = (
+    _norm_anchor(_patterns.CallFunction(aten.pow.Tensor_Scalar, _patterns.KeywordArg("upcast"), 2)),
+    _norm_anchor(_patterns.CallFunction(aten.mul.Tensor, _patterns.KeywordArg("upcast"), _patterns.KeywordArg("upcast"))),
+)
+
+
 def _match_norms(rsqrt: fx.Node) -> list[_Norm]:
     """The norms of X whose statistic is this ``rsqrt``: one per weighted branch where several norms of
     the same tensor share it (q and k normed from one tensor, after ``dedupe`` merged their statistics)."""
-    add = rsqrt.args[0]
-    if not (isinstance(add, fx.Node) and add.target in (aten.add.Scalar, aten.add.Tensor) and len(add.users) == 1):
+    match = next((m for anchor in _NORM_ANCHORS if _patterns.is_match(m := anchor.match(rsqrt))), None)
+    if match is None:
         return []
-    mean, eps = add.args[0], _scalar(add.args[1])
+    add = rsqrt.args[0]
+    mean, square = add.args[0], add.args[0].args[0]
+    eps, dims, upcast = _scalar(match.kwargs["eps"]), match.kwargs["dims"], match.kwargs["upcast"]
     if eps is None or eps <= 0 or add.kwargs.get("alpha", 1) != 1:
         return []
-    if not (isinstance(mean, fx.Node) and mean.target is aten.mean.dim):
-        return []
-    square = mean.args[0]
-    dims = mean.args[1]
-    keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
     x_val = fake_value(square)
-    if not keepdim or not isinstance(x_val, torch.Tensor) or [d % x_val.dim() for d in dims] != [x_val.dim() - 1]:
-        return []
-    if square.target is aten.pow.Tensor_Scalar and square.args[1] == 2:
-        upcast = square.args[0]
-    elif square.target is aten.mul.Tensor and square.args[0] is square.args[1]:
-        upcast = square.args[0]
-    else:
+    if not isinstance(x_val, torch.Tensor) or [d % x_val.dim() for d in dims] != [x_val.dim() - 1]:
         return []
     source = _strip_casts(upcast)
     size = _concrete(x_val.shape[-1])
     # The statistics may feed other norms of the same tensor (their own eps), nothing else.
-    if size is None or list(square.users) != [mean] or not all(_is_eps_add(user) for user in mean.users):
+    if size is None or not all(_is_eps_add(user) for user in mean.users):
         return []
     prefix = [square, mean, add, rsqrt]
     if upcast is not source:
@@ -584,7 +596,7 @@ def _same_value(a: Any, b: Any, depth: int) -> bool:
             depth > 0
             and a.op == b.op == "call_function"
             and a.target == b.target
-            and is_pure_call(a)
+            and is_pure(a)
             and a.kwargs == b.kwargs
             and len(a.args) == len(b.args)
             and all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args))
@@ -636,7 +648,7 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], 
     for site, out in zip((q, k), outs):
         site.exit.replace_all_uses_with(out)
     for site in (q, k):
-        erase_unused(graph, site.region + site.norm.nodes)
+        erase_dead(graph, site.region + site.norm.nodes)
     log.add(
         q.exit,
         replaced=f"RMSNorm ({q.norm_over}) + {q.rope_style} RoPE (rope_dim {q.rope_dim}) on q and k",

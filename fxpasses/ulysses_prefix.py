@@ -60,7 +60,6 @@ the inputs), declared inputs are not sources and the pass does not fire on them.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -69,50 +68,15 @@ import torch
 import torch.fx as fx
 
 from diffopt import compat
-from diffopt.graph_pass import (
-    GraphPass,
-    RewriteLog,
-    Stage,
-    erase_unused,
-    fake_value,
-    insert_call,
-)
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from diffopt.collectives import (
-    A2A,
-    RESHAPES,
-    WAIT,
-    AllToAll,
-    concrete,
-    group_rank,
-    match_all_to_all,
-    topology,
-)
+from .collectives import A2A, WAIT, AllToAll, all_to_alls, group_rank, match_all_to_all, topology
+from .fx_utils import RESHAPES, concrete, concrete_shape, erase_dead, fake_value, insert_call, is_pure, reshaped_dim
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 _SAME_SHAPE = (aten.clone.default, aten.alias.default, prims.convert_element_type.default)
-_UNINITIALIZED = {
-    aten.empty.memory_format,
-    aten.empty_like.default,
-    aten.empty_strided.default,
-    aten.new_empty.default,
-    aten.new_empty_strided.default,
-    aten.empty_permuted.default,
-}
-# Inductor's own random ops (untagged; their seeds come from the tagged inductor_seeds anyway).
-_RANDOM = {
-    getattr(prims, name).default
-    for name in ("inductor_random", "inductor_randint", "inductor_seeds", "inductor_lookup_seed")
-    if hasattr(prims, name)
-}
-_RANK_INDEPENDENT_NAMESPACES = ("aten", "prims", "diffopt")
-_BAD_TAGS = tuple(
-    getattr(torch.Tag, tag)
-    for tag in ("nondeterministic_seeded", "nondeterministic_bitwise")
-    if hasattr(torch.Tag, tag)
-)
 
 
 class UlyssesPrefix(GraphPass):
@@ -136,7 +100,7 @@ class UlyssesPrefix(GraphPass):
         return hashlib.sha256(f"{super().fingerprint()}|{topology()}".encode()).hexdigest()
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
-        collectives = [site for node in graph.nodes if (site := match_all_to_all(node))]
+        collectives = all_to_alls(graph)
         if not collectives:
             return
         replicated = replicated_nodes(graph, self.config["replicated_inputs"], self.config["replicated_params"])
@@ -160,22 +124,14 @@ def replicated_nodes(graph: fx.Graph, declared: Sequence[str], params: bool) -> 
         elif node.op == "get_attr":
             ok = True
         elif node.op == "call_function":
-            ok = _rank_independent(node.target) and all(arg in replicated for arg in node.all_input_nodes)
+            # the same bits on every rank; .item() of a replicated tensor is replicated
+            rank_independent = is_pure(node, bitwise=True, data_dependent=True, scalars=True)
+            ok = rank_independent and all(arg in replicated for arg in node.all_input_nodes)
         else:
             ok = False
         if ok:
             replicated.add(node)
     return replicated
-
-
-def _rank_independent(target: Any) -> bool:
-    if getattr(target, "__module__", None) in ("operator", "_operator") or target in (math.ceil, math.floor):
-        return True
-    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in _RANK_INDEPENDENT_NAMESPACES:
-        return False
-    if target in _UNINITIALIZED or target in _RANDOM or any(tag in target.tags for tag in _BAD_TAGS):
-        return False
-    return not target._schema.is_mutable
 
 
 def _source_placeholders(graph: fx.Graph, declared: Sequence[str], params: bool) -> list[fx.Node]:
@@ -273,17 +229,10 @@ def _track(op: fx.Node, dim: int) -> int | None:
     if op.target is aten.permute.default:
         order = [d % len(op.args[1]) for d in op.args[1]]
         return order.index(dim)
-    before = [concrete(s) for s in fake_value(op.args[0]).shape]
-    after = [concrete(s) for s in fake_value(op).shape]
-    if None in before or None in after:
+    before, after = concrete_shape(op.args[0]), concrete_shape(op)
+    if before is None or after is None:
         return None
-    outer = math.prod(before[:dim])
-    for index in range(len(after)):
-        if math.prod(after[:index]) == outer and after[index] == before[dim]:
-            return index
-        if math.prod(after[:index]) > outer:
-            break
-    return None
+    return reshaped_dim(before, after, dim)
 
 
 # --- rewriting ---------------------------------------------------------------------------
@@ -334,8 +283,8 @@ def _rewrite(
         result = insert_call(graph, aten.cat.default, (parts, dim), collective.wait)
     collective.wait.replace_all_uses_with(result)
     _fold_slices(graph, result)
-    erase_unused(graph, [collective.wait, collective.node, *chain, cat])
-    erase_unused(graph, [node for node in graph.nodes if node not in existing])  # folded-away leftovers
+    erase_dead(graph, [collective.wait, collective.node, *chain, cat])
+    erase_dead(graph, [node for node in graph.nodes if node not in existing])  # folded-away leftovers
     sent_before = collective.bytes
     sent_after = match_all_to_all(sent).bytes
     log.add(
@@ -426,7 +375,7 @@ def _fold_slices(graph: fx.Graph, cat: fx.Node) -> None:
             graph.erase_node(user)
             if dim != cat_dim:
                 _fold_slices(graph, replacement)
-    erase_unused(graph, [cat])
+    erase_dead(graph, [cat])
 
 
 def _clamp(value: Any, size: int) -> int | None:

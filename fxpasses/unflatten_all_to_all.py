@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, erase_unused, fake_value, insert_call
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from diffopt.collectives import A2A, RESHAPES, WAIT, match_all_to_all
+from .collectives import A2A, WAIT, all_to_alls
+from .fx_utils import RESHAPES, erase_dead, fake_value, insert_call
 
 aten = torch.ops.aten
 
@@ -42,9 +43,9 @@ class UnflattenAllToAll(GraphPass):
     needs_collectives = True
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
-        for node in list(graph.nodes):
-            collective = match_all_to_all(node)
-            if collective is None or collective.value.dim() != 1:
+        for collective in all_to_alls(graph):
+            node = collective.node
+            if collective.value.dim() != 1:
                 continue
             flatten = collective.input
             if flatten.target not in RESHAPES or not isinstance(flatten.args[0], fx.Node):
@@ -70,7 +71,7 @@ class UnflattenAllToAll(GraphPass):
                 with graph.inserting_after(received):
                     flat = insert_call(graph, aten.view.default, (received, [-1]), collective.wait)
                 collective.wait.replace_all_uses_with(flat)
-            erase_unused(graph, [collective.wait, node, flatten])
+            erase_dead(graph, [collective.wait, node, flatten])
             log.add(
                 node,
                 replaced=f"all-to-all of {list(value.shape)} flattened to 1-D",

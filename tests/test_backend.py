@@ -46,21 +46,9 @@ class RaisingPass(GraphPass):
         raise RuntimeError("deliberate failure")
 
 
-class PreGradMarker(GraphPass):
-    """Counts the Dynamo graph's call_function nodes (checks the pre-grad stage runs on the Dynamo graph)."""
-
-    name = "pre_grad_marker"
-    stage = Stage.PRE_GRAD
-
-    def apply(self, graph, log):
-        for node in graph.nodes:
-            if node.op == "call_function" and node.target is torch._C._nn.linear:
-                log.add(node, replaced="linear", by="linear")
-
-
 @pytest.fixture
 def extra_passes(monkeypatch):
-    monkeypatch.setattr(diffopt.fxpasses, "PIPELINE", [RaisingPass, PreGradMarker, *diffopt.fxpasses.PIPELINE])
+    monkeypatch.setattr(diffopt.fxpasses, "PIPELINE", [RaisingPass, *diffopt.fxpasses.PIPELINE])
 
 
 def test_unknown_options_are_errors():
@@ -185,13 +173,6 @@ def test_a_broken_pass_fails_the_compile_when_strict(broken, monkeypatch, inputs
 
 
 @torch.no_grad()
-def test_pre_grad_passes_see_the_dynamo_graph(extra_passes, inputs):
-    result = trace(packed_qkv_attention, *inputs, options={"passes": {"raising": False}})
-    assert result.report.matches("pre_grad_marker") == 1
-    assert {run.stage for run in result.report.runs} == {"pre_grad", "post_grad"}
-
-
-@torch.no_grad()
 def test_inductor_path_runs_the_passes_and_matches_eager(inputs):
     report = diffopt.explain(packed_qkv_attention, *inputs)
     assert report.matches("split_contiguous") == 3
@@ -280,3 +261,46 @@ def test_the_cache_key_covers_the_shared_code_and_kernels(monkeypatch):
     base = Pipeline(Options.parse({}, registered_passes())).fingerprint()
     monkeypatch.setattr(graph_pass, "code_digest", lambda: "a kernel was edited")
     assert Pipeline(Options.parse({}, registered_passes())).fingerprint() != base
+
+
+def test_the_pipeline_order_is_checked_against_what_passes_declare(monkeypatch):
+    from diffopt.fxpasses import PIPELINE, BatchAllToAll, PipelineHeads
+    from diffopt.pipeline import check_order
+
+    check_order(PIPELINE)
+    with pytest.raises(ValueError, match="'batch_all_to_all' must run after 'pipeline_heads'"):
+        check_order([BatchAllToAll, PipelineHeads])
+
+    class Misnamed(GraphPass):
+        name = "misnamed"
+        stage = Stage.POST_GRAD
+        after = ("dedup",)
+
+    with pytest.raises(ValueError, match="runs after 'dedup', which is no pass"):
+        check_order([Misnamed, *PIPELINE])
+    # A reordered pipeline fails when it is built, before any graph is compiled.
+    monkeypatch.setattr(diffopt.fxpasses, "PIPELINE", list(reversed(PIPELINE)))
+    with pytest.raises(ValueError, match="must run after"):
+        registered_passes()
+
+
+def test_every_run_ends_with_one_cleanup():
+    import torch.fx as fx
+
+    from diffopt.pipeline import cleanup
+
+    aten = torch.ops.aten
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    cos = graph.call_function(aten.cos.default, (x,))
+    graph.call_function(aten.neg.default, (cos,))  # unused and pure: goes
+    graph.call_function(aten.bernoulli.default, (x,))  # unused but draws random numbers: stays
+    sin = graph.call_function(aten.sin.default, (cos,))
+    graph.output(sin)
+    cos.prepend(sin)  # sin before its input: a rewrite left the order broken
+    with pytest.raises(RuntimeError):
+        graph.lint()
+    cleanup(graph)
+    graph.lint()
+    # sin moved to right after its input, the rest stays where it was
+    assert [n.target for n in graph.nodes if n.op == "call_function"] == [aten.cos.default, aten.sin.default, aten.bernoulli.default]

@@ -221,7 +221,7 @@ def test_not_when_a_reshape_would_copy_instead():
 def test_viewability_rule_agrees_with_eager(sizes, seed):
     # The pass decides views with ATen's rule, not with fake tensors (which accept some views
     # eager rejects, e.g. [2, 1, 4] with strides (5, 5, 1) as [8]).
-    from diffopt.fxpasses.split_contiguous import _viewable
+    from diffopt.fxpasses.fx_utils import viewable
 
     g = torch.Generator().manual_seed(seed)
     t = torch.empty(sizes).permute(*torch.randperm(len(sizes), generator=g).tolist())
@@ -233,7 +233,7 @@ def test_viewability_rule_agrees_with_eager(sizes, seed):
             eager = True
         except RuntimeError:
             eager = False
-        assert _viewable(t, torch.empty(shape)) == eager, (t.shape, t.stride(), shape)
+        assert viewable(t, torch.empty(shape)) == eager, (t.shape, t.stride(), shape)
 
 
 @pytest.mark.parametrize("inductor", [False, True], ids=["aten", "inductor"])

@@ -35,7 +35,7 @@ from diffopt.models.ulysses import (
     ulysses_plan,
 )
 
-from diffopt.graph_pass import fake_value
+from diffopt.fxpasses.fx_utils import fake_value
 from diffopt.options import Options
 from diffopt.pipeline import Pipeline, registered_passes
 from diffopt.testing import count_ops, trace

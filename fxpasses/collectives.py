@@ -14,21 +14,23 @@ None, group)`` produces): every split is ``x.shape[0] / world_size`` rows.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from diffopt import compat
-from diffopt.graph_pass import fake_value
+
+from .fx_utils import concrete, fake_value
 
 A2A = torch.ops._c10d_functional.all_to_all_single.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 aten = torch.ops.aten
-RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_patterns = compat.pattern_matcher()
+# An all-to-all whose only user is its wait (the arguments are read by hand: ``group_name`` may be
+# passed by keyword, which a positional pattern would not match).
+A2A_WAIT = _patterns.CallFunction(WAIT, _patterns.CallFunctionVarArgs(A2A))
 # ATen's fused attention ops -> positions of (query, key, value, mask, dropout_p) in the schema
 # (an int: positional; a str: keyword-only; None: the op has no such argument).
 ATTENTION_ARGS = {
@@ -75,8 +77,22 @@ class AllToAll:
         return self.value.numel() * self.value.element_size() * (self.world_size - 1) // self.world_size
 
 
-def concrete(size: Any) -> int | None:
-    return int(size) if is_concrete_int(size) else None
+def all_to_alls(graph: fx.Graph) -> list[AllToAll]:
+    """Every equal-split all-to-all + wait of ``graph`` (:data:`A2A_WAIT` where :func:`equal_split`
+    holds), in graph order."""
+    found: list[AllToAll] = []
+    matcher = _patterns.PatternMatcherPass()
+
+    def collect(match: Any, *args: Any, **kwargs: Any) -> None:
+        found.append(equal_split(match.output_node().args[0]))
+
+    def check(match: Any) -> bool:
+        return equal_split(match.output_node().args[0]) is not None
+
+    _patterns.register_graph_pattern(A2A_WAIT, pass_dict=matcher, extra_check=check)(collect)
+    matcher.apply(graph)
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    return sorted(found, key=lambda collective: position[collective.node])
 
 
 def match_all_to_all(node: fx.Node) -> AllToAll | None:
@@ -84,8 +100,13 @@ def match_all_to_all(node: fx.Node) -> AllToAll | None:
     if node.op != "call_function" or node.target is not A2A or len(node.users) != 1:
         return None
     wait = next(iter(node.users))
-    if wait.target is not WAIT:
-        return None
+    return equal_split(node) if _patterns.is_match(A2A_WAIT.match(wait)) else None
+
+
+def equal_split(node: fx.Node) -> AllToAll | None:
+    """The all-to-all ``node`` (whose only user is its wait) where its splits are equal and its sizes
+    static, else None."""
+    wait = next(iter(node.users))
     args = list(node.args) + [None] * 4
     source, out_splits, in_splits, group_name = args[:4]
     group_name = node.kwargs.get("group_name", group_name)
@@ -152,28 +173,3 @@ def ancestors(node: fx.Node, stop: int, position: dict[fx.Node, int]) -> set[fx.
                 seen.add(arg)
                 stack.append(arg)
     return seen
-
-
-def restore_topological_order(graph: fx.Graph) -> None:
-    """Reorder ``graph`` so that every node comes after its inputs, moving as little as possible."""
-    nodes = list(graph.nodes)
-    position = {node: index for index, node in enumerate(nodes)}
-    waiting = {node: len(set(node.all_input_nodes)) for node in nodes}
-    ready = [position[node] for node in nodes if waiting[node] == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        node = nodes[heapq.heappop(ready)]
-        order.append(node)
-        for user in node.users:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, position[user])
-    if len(order) != len(nodes):
-        raise RuntimeError("graph has a cycle")
-    if order == nodes:
-        return
-    previous = order[0]
-    for node in order[1:]:
-        previous.append(node)
-        previous = node
