@@ -2,8 +2,9 @@
 
 ``torch.compile(model, backend="diffopt")`` reaches :func:`diffopt_backend`
 through the ``torch_dynamo_backends`` entry point. For each graph Dynamo
-captures it runs the pre-grad passes on the Dynamo graph, then hands the graph
-to Inductor with the post-grad passes installed as Inductor's
+captures it runs the pre-grad passes on the Dynamo graph (and, where gradients
+are needed, the differentiable passes on its forward ATen graph: ``diffopt.training``),
+then hands the graph to Inductor with the post-grad passes installed as Inductor's
 ``post_grad_custom_post_pass`` (whose ``uuid()`` keeps Inductor's FX graph cache
 on). With ``options={"inductor": False}`` the graph is lowered to ATen with the
 same decompositions Inductor uses, the post-grad passes run on it, and it runs
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import compat, scalar_capture
+from . import compat, scalar_capture, training
 from .graph_pass import Stage, has_collectives
 from .options import Options
 from .pipeline import Pipeline, PostGradPasses, registered_passes
@@ -62,6 +63,7 @@ def diffopt_backend(
     scalar_capture.integer_reads(gm)
     pipeline.run(Stage.PRE_GRAD, gm.graph, graph_name)
     gm.recompile()
+    gm = training.rewrite_before_autograd(gm, example_inputs, pipeline, graph_name)
 
     if not parsed.inductor:
         return _compile_without_inductor(gm, example_inputs, pipeline, graph_name)

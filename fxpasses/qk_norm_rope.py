@@ -95,6 +95,7 @@ class _Site:
 class QKNormRope(GraphPass):
     name = "qk_norm_rope"
     stage = Stage.POST_GRAD
+    differentiable = True  # the op has an autograd formula: training graphs are rewritten before autograd
     # Devices with a fast kernel. On CPU the op runs its plain-torch reference, which is slower
     # than Inductor's own fused C++ code; tests add "cpu" to exercise the rewrite there.
     defaults = {"devices": ("cuda",)}
