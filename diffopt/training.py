@@ -123,7 +123,8 @@ def forward_aten_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.
     with fake_mode or contextlib.nullcontext(), fx_traceback.preserve_node_meta():
         forward = make_fx(run, _decompositions(), record_module_stack=True)(*fakes)
     if mutated:
-        return f"the graph mutates its input {mutated[0]} (the trace would drop the mutation)"
+        name = list(gm.graph.find_nodes(op="placeholder"))[mutated[0]].target
+        return f"the graph mutates its input {name} (the trace would drop the mutation)"
     forward.graph.eliminate_dead_code()  # the trace records what autograd saved (detach nodes), unused here
     forward.meta.update(gm.meta)
     return forward

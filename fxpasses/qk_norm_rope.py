@@ -166,7 +166,15 @@ def _is_cast(node: Any) -> bool:
     """An op that changes at most the dtype of its input's values."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _CASTS:
         return False
-    return node.target is not aten._to_copy.default or set(node.kwargs) <= {"dtype"}
+    if node.target is not aten._to_copy.default:
+        return True
+    # ``x.to(dtype)`` as decompositions write it in ATen graphs before autograd: layout and device restated
+    source = fake_value(node.args[0])
+    return (
+        set(node.kwargs) <= {"dtype", "layout", "device"}
+        and node.kwargs.get("layout", torch.strided) == torch.strided
+        and node.kwargs.get("device", source.device) == source.device
+    )
 
 
 def _strip_casts(node: Any) -> Any:
