@@ -13,7 +13,9 @@ counts (GQA).
 
 Optimized form: ``torch.ops.diffopt.qk_norm_rope(q, k, q_weight, k_weight, cos,
 sin, norm_over=..., rope_style=..., rope_dim=..., q_eps=..., k_eps=...)``: one
-kernel reads q and k once and writes them once.
+kernel reads q and k once and writes them once. On graphs that need gradients
+the pass runs on the forward ATen graph before AOT autograd (``diffopt.training``),
+and the backward graph gets the op's registered backward.
 
 How it matches (around the math, not one model's source):
 

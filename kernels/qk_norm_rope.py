@@ -15,6 +15,10 @@ post-grad, where a ``triton_op`` would be opaque too), which runs the same way o
 mutated; outputs are new tensors in ``out_dtype`` (default: the input's), laid out like the inputs
 (``reference.output_like``: the layout stock elementwise code on them produces).
 
+Autograd: a recomputing backward (``reference.qk_norm_rope_backward_reference``: plain torch ops,
+fp32, each gradient rounded once to its input's dtype) for q, k, the weights and the tables, so the
+rewrite pass also fires in training compiles (``docs/passes.md``, Training).
+
 Accuracy: q/k, weights and tables are read in their own dtype (a bf16 table's values are the bf16
 values), all math is fp32, and each output is rounded once to its dtype. For bf16/fp16 outputs that
 is within 1 ulp of the output dtype of the exact (float64) result (1/2 ulp of rounding plus ~1e-6
