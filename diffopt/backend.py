@@ -2,7 +2,9 @@
 
 ``torch.compile(model, backend="diffopt")`` reaches :func:`diffopt_backend`
 through the ``torch_dynamo_backends`` entry point. For each graph Dynamo
-captures it hands the graph to Inductor with the post-grad passes installed as Inductor's
+captures it runs, where gradients are needed, the differentiable passes on its forward
+ATen graph (``diffopt.training``), then hands the graph to Inductor with the post-grad passes
+installed as Inductor's
 ``post_grad_custom_post_pass`` (whose ``uuid()`` keeps Inductor's FX graph cache
 on). With ``options={"inductor": False}`` the graph is lowered to ATen with the
 same decompositions Inductor uses, the post-grad passes run on it, and it runs
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from . import compat, scalar_capture
+from . import compat, scalar_capture, training
 from .fxpasses.fx_utils import has_collectives
 from .graph_pass import Stage
 from .options import Options
@@ -61,6 +63,7 @@ def diffopt_backend(
 
     scalar_capture.integer_reads(gm)
     gm.recompile()
+    gm = training.rewrite_before_autograd(gm, example_inputs, pipeline, graph_name)
 
     if not parsed.inductor:
         return _compile_without_inductor(gm, example_inputs, pipeline, graph_name)

@@ -50,6 +50,8 @@ PRIVATE: dict[str, tuple[tuple[str, str], ...]] = {
     "inductor_cache_dir": (("torch._inductor.runtime.cache_dir_utils", "cache_dir"),),
     "triton_kernel_functional": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_functional"),),
     "triton_kernel_mutation": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_mutation"),),
+    "FunctionalTensor": (("torch._subclasses.functional_tensor", "FunctionalTensor"),),
+    "FunctionalTensorMode": (("torch._subclasses.functional_tensor", "FunctionalTensorMode"),),
     "resolve_process_group": (("torch.distributed.distributed_c10d", "_resolve_process_group"),),
     "process_groups": (("torch.distributed.distributed_c10d", "_world"),),
     "stable_topological_sort": (("torch._inductor.pattern_matcher", "stable_topological_sort"),),
@@ -239,6 +241,41 @@ def tracing_context() -> Any:
     context = _lookup("tracing_context")
     try_get = getattr(context, "try_get", None)
     return try_get() if try_get is not None else None
+
+
+def fake_inputs(example_inputs: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """(fake mode, inputs) for tracing a Dynamo graph as AOT autograd does: the compile's fake mode and its
+    fake copies of the example inputs (symbolic sizes as Dynamo made them; SymInts stay as they are)."""
+    mode = detect_fake_mode(example_inputs)
+    if mode is None:
+        return None, list(example_inputs)
+    context = tracing_context()
+    symbolic = getattr(context, "tensor_to_context", {})
+    fakes = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and getattr(x, "fake_mode", None) is not mode:
+            info = symbolic.get(x) if not hasattr(x, "fake_mode") else None
+            x = mode.from_tensor(x, symbolic_context=info, source=getattr(info, "tensor_source", None))
+        fakes.append(x)
+    return mode, fakes
+
+
+def functional_call(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, list[int]]:
+    """``fn(*args)`` functionalized as AOT autograd functionalizes (``FunctionalTensorMode``: mutations of
+    intermediates become out-of-place ops, also inside kernels below the Functionalize key): its outputs,
+    and the positions of the arguments it mutates (whose mutation the outputs do not carry)."""
+    functional_tensor, functional_mode = _required("FunctionalTensor"), _required("FunctionalTensorMode")
+    with functional_mode():
+        wrapped = [functional_tensor.to_functional(a) if isinstance(a, torch.Tensor) else a for a in args]
+        outputs = fn(*wrapped)
+    mutated = [
+        index
+        for index, a in enumerate(wrapped)
+        if isinstance(a, functional_tensor)
+        and (torch._functionalize_has_data_mutation(a.elem) or torch._functionalize_has_metadata_mutation(a.elem))
+    ]
+    unwrapped = torch.utils._pytree.tree_map_only(functional_tensor, lambda t: t.from_functional(), outputs)
+    return unwrapped, mutated
 
 
 def dynamo_graph() -> fx.Graph | None:

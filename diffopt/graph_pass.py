@@ -23,11 +23,15 @@ import torch.fx as fx
 class Stage(enum.Enum):
     """Where a pass runs.
 
+    BEFORE_AUTOGRAD: on a graph that needs gradients, the functional ATen
+    forward graph before AOT autograd differentiates it (``diffopt.training``),
+    for the passes whose optimized forms have autograd formulas
+    (``GraphPass.differentiable``); they run post-grad too.
     POST_GRAD: on the functional ATen graph after Inductor's decompositions,
-    installed as Inductor's ``post_grad_custom_post_pass``. (Every pass runs
-    there today; another stage comes with its first pass.)
+    installed as Inductor's ``post_grad_custom_post_pass``.
     """
 
+    BEFORE_AUTOGRAD = "before_autograd"
     POST_GRAD = "post_grad"
 
 
@@ -85,6 +89,9 @@ class GraphPass:
     on_by_default: ClassVar[bool] = True
     # Rewrites of collectives: on a graph without any they cannot match, and the report says so.
     needs_collectives: ClassVar[bool] = False
+    # A post-grad pass whose inserted ops have autograd formulas: on graphs that need gradients it also
+    # runs before AOT autograd (Stage.BEFORE_AUTOGRAD), so that the backward graph gets their backward.
+    differentiable: ClassVar[bool] = False
 
     def __init__(self, **config: Any) -> None:
         unknown = sorted(set(config) - set(self.defaults))

@@ -64,17 +64,28 @@ class Pipeline:
         parts = [repr(self.options.strict)] + [f"{p.name}:{p.fingerprint()}" for p in self.passes]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
-    def run(self, stage: Stage, graph: fx.Graph, graph_name: str) -> None:
-        for graph_pass in self.passes:
-            if graph_pass.stage is stage:
-                self._run_one(graph_pass, graph, graph_name)
-        cleanup(graph)
+    def stage_passes(self, stage: Stage) -> list[GraphPass]:
+        """The enabled passes that run at ``stage``, in order."""
+        if stage is Stage.BEFORE_AUTOGRAD:
+            return [graph_pass for graph_pass in self.passes if graph_pass.differentiable]
+        return [graph_pass for graph_pass in self.passes if graph_pass.stage is stage]
 
-    def _run_one(self, graph_pass: GraphPass, graph: fx.Graph, graph_name: str) -> None:
-        note = _not_applicable(graph_pass, graph)
+    def run(self, stage: Stage, graph: fx.Graph, graph_name: str) -> int:
+        """Run the passes of ``stage`` over ``graph``, then the cleanup; how many rewrites they made."""
+        rewrites = sum(self._run_one(graph_pass, stage, graph, graph_name) for graph_pass in self.stage_passes(stage))
+        cleanup(graph)
+        return rewrites
+
+    def note(self, stage: Stage, graph_name: str, note: str) -> None:
+        """Record that the passes of ``stage`` did not run on a graph, and why."""
+        for graph_pass in self.stage_passes(stage):
+            record(PassRun(graph_pass.name, stage.value, graph_name, 0, 0.0, note=note), [])
+
+    def _run_one(self, graph_pass: GraphPass, stage: Stage, graph: fx.Graph, graph_name: str) -> int:
+        note = not_applicable(graph_pass, graph)
         if note:
-            record(PassRun(graph_pass.name, graph_pass.stage.value, graph_name, 0, 0.0, note=note), [])
-            return
+            record(PassRun(graph_pass.name, stage.value, graph_name, 0, 0.0, note=note), [])
+            return 0
         log = RewriteLog()
         snapshot = _copy(graph)
         start = time.perf_counter()
@@ -99,12 +110,13 @@ class Pipeline:
             log = RewriteLog()
         for observer in _observers.get():
             observer(graph_pass.name, graph_name, snapshot, _copy(graph))
-        run = PassRun(graph_pass.name, graph_pass.stage.value, graph_name, len(log), time.perf_counter() - start, error)
+        run = PassRun(graph_pass.name, stage.value, graph_name, len(log), time.perf_counter() - start, error)
         record(
             run,
             [Rewrite(graph_pass.name, graph_name, **entry) for entry in log.entries],
             [Decline(graph_pass.name, graph_name, **entry) for entry in log.declines],
         )
+        return len(log)
 
 
 def cleanup(graph: fx.Graph) -> None:
@@ -115,7 +127,7 @@ def cleanup(graph: fx.Graph) -> None:
     eliminate_dead_code(graph)
 
 
-def _not_applicable(graph_pass: GraphPass, graph: fx.Graph) -> str | None:
+def not_applicable(graph_pass: GraphPass, graph: fx.Graph) -> str | None:
     """Why ``graph_pass`` cannot match anything in ``graph``: no collectives for a collective rewrite, or
     no tensor on a device its ``devices`` option names."""
     if graph_pass.needs_collectives and not has_collectives(graph):

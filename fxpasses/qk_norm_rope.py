@@ -13,7 +13,9 @@ counts (GQA).
 
 Optimized form: ``torch.ops.diffopt.qk_norm_rope(q, k, q_weight, k_weight, cos,
 sin, norm_over=..., rope_style=..., rope_dim=..., q_eps=..., k_eps=...)``: one
-kernel reads q and k once and writes them once.
+kernel reads q and k once and writes them once. On graphs that need gradients
+the pass runs on the forward ATen graph before AOT autograd (``diffopt.training``),
+and the backward graph gets the op's registered backward.
 
 How it matches (around the math, not one model's source):
 
@@ -97,6 +99,7 @@ class QKNormRope(GraphPass):
     name = "qk_norm_rope"
     stage = Stage.POST_GRAD
     after = ("dedupe",)  # q and k normed from one tensor share one statistic once dedupe merged them
+    differentiable = True  # the op has an autograd formula: training graphs are rewritten before autograd
     # Devices with a fast kernel. On CPU the op runs its plain-torch reference, which is slower
     # than Inductor's own fused C++ code; tests add "cpu" to exercise the rewrite there.
     defaults = {"devices": ("cuda",)}
@@ -163,7 +166,15 @@ def _is_cast(node: Any) -> bool:
     """An op that changes at most the dtype of its input's values."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _CASTS:
         return False
-    return node.target is not aten._to_copy.default or set(node.kwargs) <= {"dtype"}
+    if node.target is not aten._to_copy.default:
+        return True
+    # ``x.to(dtype)`` as decompositions write it in ATen graphs before autograd: layout and device restated
+    source = fake_value(node.args[0])
+    return (
+        set(node.kwargs) <= {"dtype", "layout", "device"}
+        and node.kwargs.get("layout", torch.strided) == torch.strided
+        and node.kwargs.get("device", source.device) == source.device
+    )
 
 
 def _strip_casts(node: Any) -> Any:

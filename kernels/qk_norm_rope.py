@@ -15,6 +15,10 @@ post-grad, where a ``triton_op`` would be opaque too), which runs the same way o
 mutated; outputs are new tensors in ``out_dtype`` (default: the input's), laid out like the inputs
 (``reference.output_like``: the layout stock elementwise code on them produces).
 
+Autograd: a recomputing backward (``reference.qk_norm_rope_backward_reference``: plain torch ops,
+fp32, each gradient rounded once to its input's dtype) for q, k, the weights and the tables, so the
+rewrite pass also fires in training compiles (``docs/passes.md``, Training).
+
 Accuracy: q/k, weights and tables are read in their own dtype (a bf16 table's values are the bf16
 values), all math is fp32, and each output is rounded once to its dtype. For bf16/fp16 outputs that
 is within 1 ulp of the output dtype of the exact (float64) result (1/2 ulp of rounding plus ~1e-6
@@ -32,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .library import LIBRARY, first_definition
-from .reference import check_qk_norm_rope_args, output_like, qk_norm_rope_reference
+from .reference import check_qk_norm_rope_args, output_like, qk_norm_rope_backward_reference, qk_norm_rope_reference
 
 try:  # triton is optional: without it every device runs the reference
     from .qk_norm_rope_triton import qk_norm_rope_triton
@@ -51,8 +55,8 @@ QK_NORM_ROPE_SCHEMA = (
 # Registered with the low-level ``torch.library.Library`` API rather than ``custom_op``: the
 # dispatcher calls the device function directly, without custom_op's Python autograd and
 # aliasing-check wrappers, which cost a few hundred microseconds of host time per call on the
-# GPU machines (benchmarks/profile_qk_norm_rope.py). The op is for inference: it has no
-# autograd formula.
+# GPU machines (benchmarks/profile_qk_norm_rope.py). Its autograd formula (below) is registered
+# the same way, on the op's Autograd key.
 _REGISTER = first_definition("qk_norm_rope")
 _library = LIBRARY
 if _REGISTER:
@@ -110,3 +114,22 @@ def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, positions=None, *, no
 
 if _REGISTER:
     torch.library.register_fake("diffopt::qk_norm_rope", _qk_norm_rope_fake, lib=_library)
+
+
+# Autograd: a recomputing backward in plain torch ops (``qk_norm_rope_backward_reference``). The op saves
+# only its inputs; the backward recomputes the norm statistics. Traced by AOT autograd into the backward
+# graph, Inductor fuses it like the stock code's backward.
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.options = {name: keyword_only_inputs[name] for name in ("norm_over", "rope_style", "rope_dim", "q_eps", "k_eps")}
+
+
+def _backward(ctx, grad_q, grad_k):
+    q, k, q_weight, k_weight, cos, sin, positions = ctx.saved_tensors
+    grads = qk_norm_rope_backward_reference(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, positions,
+                                            needs_input_grad=tuple(ctx.needs_input_grad[:6]), **ctx.options)
+    return (*grads, None)
+
+
+if _REGISTER:
+    torch.library.register_autograd("diffopt::qk_norm_rope", _backward, setup_context=_setup_context, lib=_library)

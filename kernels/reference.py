@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["QKNormRopeShape", "apply_rope", "check_qk_norm_rope_args", "output_like", "qk_norm_rope_reference",
-           "rope_tables"]
+__all__ = ["QKNormRopeShape", "apply_rope", "check_qk_norm_rope_args", "output_like", "qk_norm_rope_backward_reference",
+           "qk_norm_rope_reference", "rope_tables"]
 
 NORM_OVER = ("head", "hidden")
 ROPE_STYLES = ("neox", "interleaved")
@@ -172,3 +172,106 @@ def qk_norm_rope_reference(q: Tensor, k: Tensor, q_weight: Optional[Tensor], k_w
     c, s = rope_tables(cos, sin, positions, info.B, info.S)
     args = (c, s, norm_over, rope_style, info.rope_dim, out_dtype)
     return _norm_rope_one(q, q_weight, q_eps, *args), _norm_rope_one(k, k_weight, k_eps, *args)
+
+
+def qk_norm_rope_backward_reference(
+    grad_q: Optional[Tensor], grad_k: Optional[Tensor], q: Tensor, k: Tensor, q_weight: Optional[Tensor],
+    k_weight: Optional[Tensor], cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None, *, norm_over: str,
+    rope_style: str, rope_dim: int, q_eps: float, k_eps: float, needs_input_grad: tuple[bool, ...] = (True,) * 6,
+) -> tuple[Optional[Tensor], ...]:
+    """Reference for the gradients of ``qk_norm_rope``: (q, k, q_weight, k_weight, cos, sin), each None where
+    ``needs_input_grad`` says it is not needed (or the input is None).
+
+    Recomputes the forward from the inputs (the op saves no intermediates) and applies the transposed
+    rotation, then RMSNorm's backward, in fp32 from the gradients' and the inputs' values; each gradient is
+    rounded once to its input's dtype. The rounding of the forward output to ``out_dtype`` passes the
+    gradient through unchanged, as eager autograd's cast does. Written in differentiable torch ops, so
+    AOT autograd traces it into the backward graph and Inductor fuses it.
+    """
+    info = check_qk_norm_rope_args(q, k, q_weight, k_weight, cos, sin, positions, norm_over, rope_style, rope_dim)
+    c, s = rope_tables(cos, sin, positions, info.B, info.S)
+    need_x, need_w, need_tables = needs_input_grad[:2], needs_input_grad[2:4], any(needs_input_grad[4:6])
+    grads = [None] * 6
+    table_grads = []
+    for i, (g, x, w, eps) in enumerate(((grad_q, q, q_weight, q_eps), (grad_k, k, k_weight, k_eps))):
+        if g is None or not (need_x[i] or (need_w[i] and w is not None) or need_tables):
+            continue
+        g_x, g_w, g_tables = _norm_rope_one_backward(
+            g, x, w, eps, c, s, norm_over, rope_style, info.rope_dim, need_x[i], need_w[i] and w is not None,
+            need_tables)
+        grads[i], grads[2 + i] = g_x, g_w
+        if g_tables is not None:
+            table_grads.append(g_tables)
+    if table_grads:
+        g_c = sum(t[0] for t in table_grads)
+        g_s = sum(t[1] for t in table_grads)
+        for index, (g_table, table) in enumerate(((g_c, cos), (g_s, sin))):
+            if needs_input_grad[4 + index]:
+                grads[4 + index] = _table_grad(g_table, table, positions, info.S).to(table.dtype)
+    return tuple(grads)
+
+
+def _norm_rope_one_backward(g: Tensor, x: Tensor, w: Optional[Tensor], eps: float, cos: Tensor, sin: Tensor,
+                            norm_over: str, rope_style: str, rope_dim: int, need_x: bool, need_w: bool,
+                            need_tables: bool):
+    H, D = x.shape[-2:]
+    dims = (-1,) if norm_over == "head" else (-2, -1)
+    xf = x.float()
+    rstd = torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
+    normed = xf * rstd
+    wf = None if w is None else w.float().view(-1 if norm_over == "head" else H, D)
+    g = g.float()
+    g_y = apply_rope(g, cos, _transposed_sin(sin, rope_style, rope_dim), rope_style, rope_dim)
+    g_tables = None
+    if need_tables:
+        y = normed if wf is None else normed * wf
+        g_tables = _rope_table_grads(g[..., :rope_dim], y[..., :rope_dim], cos.shape[-1], rope_style)
+    g_w = None
+    if need_w:
+        g_w = (g_y * normed).sum((0, 1, 2) if norm_over == "head" else (0, 1)).reshape(-1).to(w.dtype)
+    g_x = None
+    if need_x:
+        g_n = g_y if wf is None else g_y * wf
+        g_x = (rstd * (g_n - normed * (g_n * normed).mean(dims, keepdim=True))).to(x.dtype)
+    return g_x, g_w, g_tables
+
+
+def _transposed_sin(sin: Tensor, rope_style: str, rope_dim: int) -> Tensor:
+    """The sin table whose rotation (``apply_rope`` with the same cos) is the transpose of ``sin``'s.
+
+    Each pair's rotation is [[c_a, -s_a], [s_b, c_b]] (a, b its channels; per-pair tables have
+    s_a = s_b); its transpose [[c_a, s_b], [-s_a, c_b]] is the same form with s'_a = -s_b, s'_b = -s_a:
+    per-channel tables swap the pair's entries and negate, per-pair tables negate."""
+    if sin.shape[-1] != rope_dim:
+        return -sin
+    if rope_style == "neox":
+        half = rope_dim // 2
+        return -torch.cat([sin[..., half:], sin[..., :half]], -1)
+    return -sin.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def _rope_table_grads(g: Tensor, y: Tensor, table_len: int, rope_style: str) -> tuple[Tensor, Tensor]:
+    """d(loss)/d(cos), d(loss)/d(sin) of the rotation of y (its rotated channels) given the output's gradient g,
+    summed over heads: [..., 1, table_len]."""
+    half = y.shape[-1] // 2
+    if rope_style == "neox":
+        g_c = g * y
+        g_s = g * torch.cat([-y[..., half:], y[..., :half]], -1)
+        if table_len == half:  # per pair: channels j and j + half read entry j
+            g_c, g_s = g_c[..., :half] + g_c[..., half:], g_s[..., :half] + g_s[..., half:]
+    else:
+        y1, y2, g1, g2 = y[..., 0::2], y[..., 1::2], g[..., 0::2], g[..., 1::2]
+        c1, c2, s1, s2 = g1 * y1, g2 * y2, -g1 * y2, g2 * y1
+        if table_len == half:
+            g_c, g_s = c1 + c2, s1 + s2
+        else:
+            g_c, g_s = torch.stack([c1, c2], -1).flatten(-2), torch.stack([s1, s2], -1).flatten(-2)
+    return g_c.sum(-2, keepdim=True), g_s.sum(-2, keepdim=True)
+
+
+def _table_grad(g: Tensor, table: Tensor, positions: Optional[Tensor], S: int) -> Tensor:
+    """The [B, S, 1, L] gradient of the tables as the op read them, reduced to the table's own shape."""
+    if positions is None:
+        return g.sum_to_size(table.shape)
+    pos = positions.long().reshape(-1, S).expand(g.shape[0], S).reshape(-1)
+    return torch.zeros(table.shape, dtype=g.dtype, device=g.device).index_add(0, pos, g.reshape(-1, table.shape[-1]))
