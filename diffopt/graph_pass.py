@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import compat
 
@@ -189,6 +190,34 @@ def erase_unused(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
     for node in reversed(graph.nodes):
         if node in candidates and not node.users:
             graph.erase_node(node)
+
+
+def erase_dead(graph: fx.Graph, roots: Iterable[Any]) -> None:
+    """Erase ``roots`` and then their inputs, transitively, where nothing uses them any more.
+
+    Only pure calls (:func:`is_pure_call`) and ``get_attr`` nodes are erased: an unused random
+    draw still advances the generator, so it stays."""
+    work = [r for r in roots if isinstance(r, fx.Node)]
+    while work:
+        node = work.pop()
+        if getattr(node, "_erased", False) or node.users or node.op not in ("call_function", "get_attr"):
+            continue
+        if node.op == "call_function" and not is_pure_call(node):
+            continue
+        inputs = list(node.all_input_nodes)
+        graph.erase_node(node)
+        work.extend(inputs)
+
+
+def same_layout(new: fx.Node, old: fx.Node) -> bool:
+    """Whether ``new``'s fake value has ``old``'s dtype, device, sizes and strides (consumers may rely on them)."""
+    a, b = fake_value(new), fake_value(old)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    if a.dtype != b.dtype or a.device != b.device or a.dim() != b.dim():
+        return False
+    pairs = list(zip(a.shape, b.shape)) + [(x, y) for x, y, n in zip(a.stride(), b.stride(), b.shape) if n != 1]
+    return all(statically_known_true(x == y) for x, y in pairs)
 
 
 def check_links(graph: fx.Graph) -> None:

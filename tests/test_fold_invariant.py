@@ -401,7 +401,7 @@ def test_a_folded_value_takes_the_strides_the_graph_recorded():
     # torch._prims_common.is_non_overlapping_and_dense: the pass was skipped.)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from diffopt.fxpasses.fold_invariant import _with_recorded_layout
+    from diffopt.fxpasses.step_invariant import _with_recorded_layout
 
     value = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
     with FakeTensorMode() as mode:
