@@ -34,6 +34,7 @@ PRIVATE: dict[str, tuple[tuple[str, str], ...]] = {
     "select_decomp_table": (("torch._inductor.decomposition", "select_decomp_table"),),
     "aot_autograd": (("torch._dynamo.backends.common", "aot_autograd"),),
     "CustomGraphPass": (("torch._inductor.custom_graph_pass", "CustomGraphPass"),),
+    "ConstantFolder": (("torch._inductor.constant_folding", "ConstantFolder"),),
     "detect_fake_mode": (("torch._guards", "detect_fake_mode"),),
     "unset_fake_temporarily": (("torch._subclasses.fake_tensor", "unset_fake_temporarily"),),
     "disable_current_modes": (("torch.utils._python_dispatch", "_disable_current_modes"),),
@@ -100,6 +101,9 @@ def aot_autograd(**kwargs: Any) -> Callable[..., Any]:
 
 
 CustomGraphPass: type = _lookup("CustomGraphPass")  # the base class of an Inductor post-grad pass
+# Inductor's constant folder (an ``fx.Interpreter``; the same constructor and hooks in 2.11 and 2.13):
+# the base of ``fxpasses.step_invariant``'s evaluator.
+ConstantFolder: type = _lookup("ConstantFolder")
 
 
 def inductor_cache_dir() -> str:

@@ -18,6 +18,7 @@ import sys
 from typing import Any, ClassVar
 
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 class Stage(enum.Enum):
@@ -141,12 +142,3 @@ def module_path(node: fx.Node) -> str:
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
     path = re.sub(r"(__dict__\.)?_modules\.", "", path)  # L['self'].__dict__['_modules']['blocks']
     return path.lstrip(".")
-
-
-def __getattr__(name: str) -> Any:
-    # The FX helpers moved to fxpasses/fx_utils.py; files not yet moved over import them from here.
-    from diffopt.fxpasses import fx_utils
-
-    if name.startswith("_") or not hasattr(fx_utils, name):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(fx_utils, name)

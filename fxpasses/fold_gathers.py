@@ -13,12 +13,12 @@ along ``d`` only, which is the same thing), then the same for ``b``. Two full pa
 the data, and the intermediate ``y`` written and read back.
 
 Optimized form: ``z = x[:, c]`` with ``c = a[b]``: one pass over the data. ``c`` is a
-gather of a small integer tensor (``len(b)`` elements) and is:
+gather of a small integer tensor (``len(b)`` elements), written into the graph, and then:
 
 - computed once, while compiling, and embedded in the graph as a constant, when ``a`` and
-  ``b`` are step-invariant: computed only from literals, static shapes and graph
-  constants through deterministic ATen ops (e.g. ``arange``/slicing/``cat``/``argsort``
-  index tables that model code rebuilds on every call);
+  ``b`` are step-invariant (e.g. ``arange``/slicing/``cat``/``argsort`` index tables that
+  model code rebuilds on every call): the pass ends with the step-invariant folder
+  (``step_invariant.fold``), which decides that as it does for ``fold_invariant``;
 - otherwise computed inside the graph on every call (``a[b]``, microseconds), so the
   rewrite stays correct when an index changes between calls. Graph inputs are never
   treated as constant: that includes module buffers, which Dynamo lifts to inputs and
@@ -51,14 +51,15 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value, insert_call
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from diffopt.step_constants import Constants, emit, erase_dead, same_layout
+from .fx_utils import erase_dead, fake_value, insert_call, same_layout
+
+from .step_invariant import computed_once, fold
 
 aten = torch.ops.aten
 
 INDEX_DTYPES = (torch.int64, torch.int32)
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default)
 
 
 @dataclasses.dataclass
@@ -72,10 +73,10 @@ class Gather:
     wraps: bool  # negative indices wrap (index.Tensor) rather than raise (index_select, gather)
     index_base: fx.Node | None = None  # gather: a [1,..,n,..,1] tensor whose reshape(-1) is the index
 
-    def index_1d(self, graph: fx.Graph, consts: Constants) -> fx.Node:
+    def index_1d(self, graph: fx.Graph) -> fx.Node:
         """The 1-D (or, for ``index.Tensor``, any-D) index node, inserting the reshape a gather needs."""
         if self.index is None:
-            self.index, _ = emit(graph, consts, aten.reshape.default, (self.index_base, [-1]), self.node)
+            self.index = insert_call(graph, aten.reshape.default, (self.index_base, [-1]), self.node)
         return self.index
 
 
@@ -130,12 +131,14 @@ def _int_index(index: Any) -> bool:
 class FoldGathers(GraphPass):
     name = "fold_gathers"
     stage = Stage.POST_GRAD
+    after = ("padded_buffer",)  # folds the gather of a gather that padded_buffer's rewrite leaves
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
-        consts = Constants(graph)
-        composed: dict[tuple, tuple[fx.Node, bool]] = {}  # (a, b, wraps) -> (a[b], constant?)
+        stock = set(graph.nodes)
+        composed: dict[tuple, fx.Node] = {}  # (a, b, wraps) -> a[b]
         position = {node: i for i, node in enumerate(graph.nodes)}
         mutating = [position[n] for n in graph.nodes if _mutates(n)]
+        rewrites = []
         for node in list(graph.nodes):
             outer = match_gather(node)
             if outer is None or not isinstance(outer.source, fx.Node):
@@ -143,19 +146,18 @@ class FoldGathers(GraphPass):
             inner = match_gather(outer.source)
             if inner is None or not self._foldable(inner, outer, position, mutating):
                 continue
-            folded, constant = self._fold(graph, consts, inner, outer, composed)
+            folded, index = self._fold(graph, inner, outer, composed)
             if not same_layout(folded, node):  # a consumer may depend on the old strides
                 erase_dead(graph, [folded])
                 continue
             node.replace_all_uses_with(folded)
             erase_dead(graph, [node])
             position[folded] = position.get(node, 0)
-            where = "computed once (step-invariant)" if constant else "composed in the graph each call"
-            log.add(
-                node,
-                replaced=f"gather of a gather along dim {outer.dim} ({_op(inner.node)} -> {_op(node)})",
-                by=f"one {_op(folded)} with the composed index, {where}",
-            )
+            rewrites.append((node, f"({_op(inner.node)} -> {_op(node)})", outer.dim, _op(folded), index))
+        constants = fold(graph, within=set(graph.nodes) - stock)  # the index math inserted above
+        for node, ops, dim, op, index in rewrites:
+            where = "computed once (step-invariant)" if computed_once(index, constants) else "composed in the graph each call"
+            log.add(node, replaced=f"gather of a gather along dim {dim} {ops}", by=f"one {op} with the composed index, {where}")
 
     @staticmethod
     def _foldable(inner: Gather, outer: Gather, position: dict, mutating: list[int]) -> bool:
@@ -179,34 +181,30 @@ class FoldGathers(GraphPass):
         return not any(lo < p < hi for p in mutating)
 
     @staticmethod
-    def _fold(
-        graph: fx.Graph, consts: Constants, inner: Gather, outer: Gather, memo: dict
-    ) -> tuple[fx.Node, bool]:
+    def _fold(graph: fx.Graph, inner: Gather, outer: Gather, memo: dict) -> tuple[fx.Node, fx.Node]:
+        """Insert the one gather (and the composed index ``a[b]`` it reads); returns both."""
         node = outer.node
         with graph.inserting_before(node):
-            a = inner.index_1d(graph, consts)
-            b = outer.index_1d(graph, consts)
+            a = inner.index_1d(graph)
+            b = outer.index_1d(graph)
             key = (a, b, outer.wraps)
-            if key in memo and not getattr(memo[key][0], "_erased", False) and _before(memo[key][0], node):
-                composed, constant = memo[key]
+            if key in memo and not getattr(memo[key], "_erased", False) and _before(memo[key], node):
+                composed = memo[key]
             elif outer.wraps:
-                composed, constant = emit(graph, consts, aten.index.Tensor, (a, [b]), node)
+                composed = insert_call(graph, aten.index.Tensor, (a, [b]), node)
             else:  # index_select / gather semantics (negative b raises): gather on 1-D
-                a64 = _as_int64(graph, consts, a, node)
-                b64 = _as_int64(graph, consts, b, node)
-                composed, constant = emit(graph, consts, aten.gather.default, (a64, 0, b64), node)
-            memo[key] = (composed, constant)
+                composed = insert_call(graph, aten.gather.default, (_as_int64(graph, a, node), 0, _as_int64(graph, b, node)), node)
+            memo[key] = composed
             if inner.wraps:
                 folded = insert_call(graph, aten.index.Tensor, (inner.source, [None] * inner.dim + [composed]), node)
             else:
                 out_val = fake_value(node)
                 shape = [1] * out_val.dim()
                 shape[inner.dim] = -1
-                composed64 = _as_int64(graph, consts, composed, node)
-                base, _ = emit(graph, consts, aten.reshape.default, (composed64, shape), node)
+                base = insert_call(graph, aten.reshape.default, (_as_int64(graph, composed, node), shape), node)
                 expanded = insert_call(graph, aten.expand.default, (base, list(out_val.shape)), node)
                 folded = insert_call(graph, aten.gather.default, (inner.source, inner.dim, expanded), node)
-        return folded, constant
+        return folded, composed
 
 
 def _before(first: fx.Node, second: fx.Node) -> bool:
@@ -219,13 +217,10 @@ def _before(first: fx.Node, second: fx.Node) -> bool:
     return False
 
 
-def _as_int64(graph: fx.Graph, consts: Constants, index: fx.Node, origin: fx.Node) -> fx.Node:
+def _as_int64(graph: fx.Graph, index: fx.Node, origin: fx.Node) -> fx.Node:
     if fake_value(index).dtype == torch.int64:
         return index
-    node, _ = emit(
-        graph, consts, torch.ops.prims.convert_element_type.default, (index, torch.int64), origin
-    )
-    return node
+    return insert_call(graph, torch.ops.prims.convert_element_type.default, (index, torch.int64), origin)
 
 
 def _mutates(node: fx.Node) -> bool:

@@ -19,11 +19,12 @@ the gather and the select. When ``values`` is itself a gather (``x[:, tile_parti
 ``fold_gathers`` (which runs after this pass) folds the two gathers into one:
 ``x[:, tile_partition_indices[src.clamp(min=0)]]``.
 
-``src`` (and ``src >= 0``, ``src.clamp(min=0)``) are computed once while compiling and
-embedded as constants when ``idx`` is step-invariant (built from literals and static
-shapes inside the graph; see ``_index_consts``); otherwise they are computed in the graph
-each call (``full`` + ``index_put`` of ``P`` integers), so the rewrite stays correct when
-``idx`` is a graph input that changes between calls.
+``src`` is written into the graph (``full`` + ``index_put`` of ``P`` integers). When ``idx`` is
+step-invariant (built from literals and static shapes inside the graph) the pass's closing
+call of the step-invariant folder (``step_invariant.fold``) computes ``src >= 0`` and
+``src.clamp(min=0)`` once while compiling and embeds them as constants; otherwise they are
+computed in the graph each call, so the rewrite stays correct when ``idx`` is a graph input
+that changes between calls.
 
 Why this form and not a persistent buffer (pad rows zeroed once, real rows refilled in
 place each call): the buffer form must hold state across calls and mutate it, which a
@@ -65,11 +66,12 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from diffopt import compat
-from diffopt.graph_pass import GraphPass, RewriteLog, Stage, fake_value, insert_call
+from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from diffopt.step_constants import Constants, constant_node, erase_dead, same_layout
+from .fx_utils import erase_dead, fake_value, insert_call, same_layout
+
 from .fold_gathers import INDEX_DTYPES
+from .step_invariant import computed_once, fold
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -90,8 +92,9 @@ class PaddedBuffer(GraphPass):
     stage = Stage.POST_GRAD
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
-        consts = Constants(graph)
-        inverse_maps: dict[tuple[fx.Node, int], tuple[fx.Node, fx.Node, bool]] = {}
+        stock = set(graph.nodes)
+        inverse_maps: dict[tuple[fx.Node, int], tuple[fx.Node, fx.Node]] = {}
+        rewrites = []
         for node in list(graph.nodes):
             match = _match(node)
             if match is None:
@@ -101,9 +104,9 @@ class PaddedBuffer(GraphPass):
             padded, n = buf_val.shape[dim], idx_val.shape[0]
             key = (idx, padded)
             with graph.inserting_before(node):
-                if key not in inverse_maps or any(getattr(n, "_erased", False) for n in inverse_maps[key][:2]):
-                    inverse_maps[key] = _inverse_map(graph, consts, idx, padded, n, buf_val.dim() - dim - 1, node)
-                safe, valid, constant = inverse_maps[key]
+                if key not in inverse_maps or any(getattr(n, "_erased", False) for n in inverse_maps[key]):
+                    inverse_maps[key] = _inverse_map(graph, idx, padded, n, buf_val.dim() - dim - 1, node)
+                safe, valid = inverse_maps[key]
                 gathered = insert_call(graph, aten.index.Tensor, (source, [None] * dim + [safe]), node)
                 zero = insert_call(
                     graph, aten.scalar_tensor.default, (0,), node, {"dtype": buf_val.dtype, "device": buf_val.device}
@@ -118,12 +121,12 @@ class PaddedBuffer(GraphPass):
                     user.replace_all_uses_with(out)
                     erase_dead(graph, [user])
             erase_dead(graph, [node])
-            where = "index computed once (step-invariant)" if constant else "index computed in the graph each call"
-            log.add(
-                node,
-                replaced=f"zeros {list(buf_val.shape)} + scatter of {n} rows along dim {dim}",
-                by=f"one gather with pad rows selected as zero, {where}",
-            )
+            rewrites.append((node, f"zeros {list(buf_val.shape)} + scatter of {n} rows along dim {dim}", safe))
+        constants = fold(graph, within=set(graph.nodes) - stock)  # the index math inserted above
+        for node, replaced, safe in rewrites:
+            once = computed_once(safe, constants)
+            where = "index computed once (step-invariant)" if once else "index computed in the graph each call"
+            log.add(node, replaced=replaced, by=f"one gather with pad rows selected as zero, {where}")
 
 
 def _match(node: fx.Node) -> tuple[fx.Node, int, fx.Node, fx.Node] | None:
@@ -219,24 +222,9 @@ def _with_shape(values: fx.Node, indexed: list) -> fx.Node | None:
         return insert_call(values.graph, aten.reshape.default, (values, indexed), values)
 
 
-def _inverse_map(
-    graph: fx.Graph, consts: Constants, idx: fx.Node, padded: int, n: int, trailing: int, origin: fx.Node
-) -> tuple[fx.Node, fx.Node, bool]:
-    """``(src.clamp(min=0), (src >= 0).view(P, 1, ..), constant?)`` with ``src[idx[j]] = j``, else -1."""
+def _inverse_map(graph: fx.Graph, idx: fx.Node, padded: int, n: int, trailing: int, origin: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """``(src.clamp(min=0), (src >= 0).view(P, 1, ..))`` with ``src[idx[j]] = j``, else -1."""
     device = fake_value(idx).device
-    real_idx = consts.value(idx)
-    if real_idx is not None and graph.owning_module is not None:
-        try:
-            with compat.real_mode():
-                src = torch.full((padded,), -1, dtype=torch.int64, device=real_idx.device)
-                src = src.index_put((real_idx,), torch.arange(n, dtype=torch.int64, device=real_idx.device))
-                safe_value, valid_value = src.clamp(min=0), (src >= 0).view([padded] + [1] * trailing)
-        except Exception:  # out-of-range index: keep the error at run time, as the stock code has it
-            src = None
-        if src is not None:
-            safe = constant_node(graph, consts, safe_value, origin, "scatter_source")
-            valid = constant_node(graph, consts, valid_value, origin, "scatter_valid")
-            return safe, valid, True
     full = insert_call(graph, aten.full.default, ([padded], -1), origin, {"dtype": torch.int64, "device": device})
     positions = insert_call(
         graph, prims.iota.default, (n,), origin,
@@ -246,4 +234,4 @@ def _inverse_map(
     safe = insert_call(graph, aten.clamp_min.default, (src, 0), origin)
     valid = insert_call(graph, aten.ge.Scalar, (src, 0), origin)
     valid = insert_call(graph, aten.view.default, (valid, [padded] + [1] * trailing), origin)
-    return safe, valid, False
+    return safe, valid

@@ -21,3 +21,10 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(params=[True, False], ids=["inductor", "aten"])
+def inductor(request):
+    """Both ways a pass test compiles: through Inductor's real ``compile_fx`` (the post-grad graph
+    as Inductor orders it), and the faster ATen-only path (``{"inductor": False}``)."""
+    return request.param

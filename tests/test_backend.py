@@ -148,7 +148,6 @@ BROKEN_PASSES = [RaisingPass, MisorderingPass, HalfLinkingPass]
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
 @pytest.mark.parametrize("broken", BROKEN_PASSES, ids=[cls.name for cls in BROKEN_PASSES])
 def test_a_broken_pass_is_rolled_back(broken, inductor, monkeypatch, inputs, caplog):
     monkeypatch.setattr(diffopt.fxpasses, "PIPELINE", [broken, *diffopt.fxpasses.PIPELINE])

@@ -13,6 +13,7 @@ from diffopt import compat
 def test_every_private_api_resolves():
     assert compat.missing() == []
     assert compat.CustomGraphPass is not None
+    assert issubclass(compat.ConstantFolder, torch.fx.Interpreter)
     assert compat.BackendCompilerFailed is torch._dynamo.exc.BackendCompilerFailed
 
 

@@ -1,7 +1,5 @@
 """fold_invariant: step-invariant tables computed once while compiling, never anything that
 depends on weights, buffers or inputs; invalidation through new graphs only."""
-import contextlib
-import functools
 import math
 
 import pytest
@@ -10,24 +8,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import diffopt
-from diffopt.backend import diffopt_backend
 from diffopt.models.configs import get_config
 from diffopt.models.loop import DenoiseStep, loop_example_inputs
 from diffopt.models.rope import wan_rope_tables
-from diffopt.pipeline import registered_passes
 from diffopt.report import Report, collecting
-from diffopt.testing import count_ops, trace
+from diffopt.testing import Compiled, count_ops, only, trace
 
 PASS = "fold_invariant"
 ATEN = {"inductor": False}
-
-
-def only(*names, **config):
-    """Options running only the named passes (``config``: options of fold_invariant)."""
-    passes = {name: name in names for name in registered_passes()}
-    if config:
-        passes[PASS] = config
-    return {"inductor": False, "passes": passes}
 
 
 def constants(graph):
@@ -37,26 +25,6 @@ def constants(graph):
         for n in graph.nodes
         if n.op == "get_attr" and n.target.startswith("_diffopt_folded_")
     }
-
-
-class Compiled:
-    """``fn`` compiled with the diffopt backend; every call's pass runs go into ``self.report``."""
-
-    def __init__(self, fn, options=None, dynamic=None):
-        self.report = Report()
-        backend = functools.partial(diffopt_backend, options={"strict": True, **(options or {})})
-        self.fn = torch.compile(fn, backend=backend, dynamic=dynamic)
-
-    def __call__(self, *args):
-        with collecting(self.report), _no_caches():
-            return self.fn(*args)
-
-
-def _no_caches():
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
-    return stack
 
 
 def rope_table(x):
@@ -208,7 +176,7 @@ def test_a_table_of_input_positions_is_not_folded():
     compiled = Compiled(rope_from_positions, only("dedupe", PASS))
     for offset in (0, 5):
         positions = torch.arange(16) * 2 + offset
-        assert torch.equal(compiled(x, positions), rope_from_positions(x, positions))
+        torch.testing.assert_close(compiled(x, positions), rope_from_positions(x, positions))
     result = trace(rope_from_positions, x, torch.arange(16), options=only(PASS))
     after = count_ops(result.after(PASS))
     assert after["aten.cos.default"] == 1 and after["aten.sin.default"] == 1
@@ -225,9 +193,9 @@ def test_tables_of_buffers_and_parameters_are_not_folded():
     ):
         torch._dynamo.reset()
         compiled = Compiled(module, only(PASS))
-        assert torch.equal(compiled(x), module(x))
+        torch.testing.assert_close(compiled(x), module(x))
         update(module)
-        assert torch.equal(compiled(x), module(x))
+        torch.testing.assert_close(compiled(x), module(x))
         result = trace(module, x, options=only(PASS))
         assert count_ops(result.after(PASS))["aten.cos.default"] == 1
 
@@ -273,7 +241,7 @@ def test_a_table_returned_to_the_caller_is_never_the_constant():
     table.add_(100.0)  # the caller owns what it gets back
     out, table = compiled(x)
     expected = returns_its_table(x)
-    assert torch.equal(out, expected[0]) and torch.equal(table, expected[1])
+    torch.testing.assert_close((out, table), expected)
     # cos and sin became constants; the cat making the returned tensor stays in the graph.
     result = trace(returns_its_table, x, options=only(PASS))
     assert result.report.matches(PASS) == 2 and count_ops(result.after(PASS))["aten.cat.default"] == 1
@@ -289,7 +257,7 @@ def test_a_lifted_literal_pushed_through_math_is_folded():
     result = trace(lifted_literal, x, options=only(PASS))
     assert result.report.matches(PASS) == 1
     assert count_ops(result.after(PASS)) == {"aten.mul.Tensor": 1}
-    assert torch.equal(result.output, lifted_literal(x))
+    torch.testing.assert_close(result.output, lifted_literal(x))
 
 
 # --- memory --------------------------------------------------------------------------------
@@ -307,7 +275,7 @@ def test_broadcasts_fold_the_small_tensor():
     assert [tuple(t.shape) for t in constants(result.after(PASS)).values()] == [(16,)]
     after = count_ops(result.after(PASS))
     assert after["aten.expand.default"] == 1 and after["aten.repeat.default"] == 1
-    assert all(torch.equal(a, b) for a, b in zip(result.output, broadcast_tables(x)))
+    torch.testing.assert_close(result.output, broadcast_tables(x))
 
 
 @torch.no_grad()
@@ -317,10 +285,11 @@ def test_a_table_over_the_size_limit_stays_and_its_small_inputs_fold():
     after = count_ops(result.after(PASS))
     assert after["aten.cos.default"] == 1 and after["aten.sin.default"] == 1
     assert [tuple(t.shape) for t in constants(result.after(PASS)).values()] == [(16,)]  # inv_freq
-    assert torch.equal(result.output, rope_table(x))
+    torch.testing.assert_close(result.output, rope_table(x))
     # A budget for all constants of the graph together: nothing fits in 32 bytes.
     result = trace(rope_table, x, options=only(PASS, max_total_bytes=32))
-    assert result.report.matches(PASS) == 0 and torch.equal(result.output, rope_table(x))
+    assert result.report.matches(PASS) == 0
+    torch.testing.assert_close(result.output, rope_table(x))
 
 
 # --- with dedupe: one time embedding for both CFG branches ------------------------------------------
@@ -401,7 +370,7 @@ def test_a_folded_value_takes_the_strides_the_graph_recorded():
     # torch._prims_common.is_non_overlapping_and_dense: the pass was skipped.)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from diffopt.fxpasses.fold_invariant import _with_recorded_layout
+    from diffopt.fxpasses.step_invariant import _with_recorded_layout
 
     value = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
     with FakeTensorMode() as mode:

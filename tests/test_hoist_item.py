@@ -11,18 +11,9 @@ import torch
 from diffopt.backend import diffopt_backend
 from diffopt.models.configs import get_config
 from diffopt.models.loop import DenoiseStep, denoise, loop_example_inputs
-from diffopt.pipeline import registered_passes
-from diffopt.testing import count_ops, trace
+from diffopt.testing import count_ops, only, trace
 
 READ = "aten._local_scalar_dense.default"
-
-
-def only_hoist_item(**config):
-    """Options running this pass alone (other passes are tested in their own files)."""
-    passes = {name: name == "hoist_item" for name in registered_passes()}
-    if config:
-        passes["hoist_item"] = config
-    return {"passes": passes}
 
 
 def run_time_reads(fn, *args):
@@ -140,13 +131,13 @@ def cfg_step(x, t):
 @torch.no_grad()
 def test_cfg_reads_of_the_same_timestep_become_one():
     x, t = torch.randn(8, 4), torch.tensor([5, 5])
-    result = trace(cfg_step, x, t, options=only_hoist_item())
+    result = trace(cfg_step, x, t, options=only("hoist_item"))
     assert count_ops(result.before("hoist_item"))[READ] == 3
     assert count_ops(result.after("hoist_item"))[READ] == 1
     assert sum("second .item() read" in r.replaced for r in result.report.rewrites) == 2
     torch.testing.assert_close(result.output, cfg_step(x, t))
 
-    compiled = torch.compile(cfg_step, backend="diffopt", options={"inductor": False, **only_hoist_item()})
+    compiled = torch.compile(cfg_step, backend="diffopt", options={"inductor": False, **only("hoist_item")})
     compiled(x, t)
     out, reads = run_time_reads(compiled, x, torch.tensor([6, 6]))
     assert reads == 1
@@ -158,7 +149,7 @@ def test_cfg_inductor_path_reads_once():
     x, t = torch.randn(8, 4), torch.tensor([5, 5])
     from torch._inductor.utils import run_and_get_code
 
-    compiled = torch.compile(cfg_step, backend="diffopt", options=only_hoist_item())
+    compiled = torch.compile(cfg_step, backend="diffopt", options=only("hoist_item"))
     out, code = run_and_get_code(compiled, x, t)
     assert sum(source.count(".item()") for source in code) == 1
     torch.testing.assert_close(out, cfg_step(x, t))
@@ -175,7 +166,7 @@ def different_tensors(x, a, b):
 @torch.no_grad()
 def test_reads_of_different_tensors_or_elements_are_not_merged():
     x, a, b = torch.randn(8), torch.tensor([3, 4]), torch.tensor([3])
-    result = trace(different_tensors, x, a, b, options=only_hoist_item())
+    result = trace(different_tensors, x, a, b, options=only("hoist_item"))
     assert count_ops(result.after("hoist_item"))[READ] == 3
     assert not any("second" in r.replaced for r in result.report.rewrites)
     torch.testing.assert_close(result.output, different_tensors(x, a, b))
@@ -191,7 +182,7 @@ def mutated_between(x, t):
 def test_reads_around_a_mutation_stay_apart():
     x = torch.randn(8)
     t_eager, t_compiled = torch.tensor(2), torch.tensor(2)
-    result = trace(mutated_between, x, t_compiled, options=only_hoist_item())
+    result = trace(mutated_between, x, t_compiled, options=only("hoist_item"))
     assert count_ops(result.after("hoist_item"))[READ] == 2
     torch.testing.assert_close(result.output, mutated_between(x, t_eager))
     assert t_compiled.item() == t_eager.item() == 3
@@ -208,7 +199,7 @@ def heavy_then_read(x, w, t):
 @torch.no_grad()
 def test_read_moves_before_the_step_kernels():
     x, w, t = torch.randn(8, 16), torch.randn(16, 16), torch.tensor([5])
-    result = trace(heavy_then_read, x, w, t, options=only_hoist_item())
+    result = trace(heavy_then_read, x, w, t, options=only("hoist_item"))
     names = [n.target for n in result.after("hoist_item").nodes if n.op == "call_function"]
     read_at = names.index(torch.ops.aten._local_scalar_dense.default)
     before = [str(n.target) for n in result.before("hoist_item").nodes if n.op == "call_function"]
@@ -227,7 +218,7 @@ def late_producer(x, w):
 @torch.no_grad()
 def test_read_of_a_late_value_stays_after_its_producer():
     x, w = torch.randn(8, 16), torch.randn(16, 16)
-    result = trace(late_producer, x, w, options=only_hoist_item())
+    result = trace(late_producer, x, w, options=only("hoist_item"))
     nodes = [n for n in result.after("hoist_item").nodes]
     read = next(n for n in nodes if n.target is torch.ops.aten._local_scalar_dense.default)
     producers = {n for n in nodes if n.target is torch.ops.aten.mm.default}
@@ -253,11 +244,10 @@ def tensor_math_only(x, t, table):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("inductor", [False, True], ids=["aten", "inductor"])
 def test_tensor_math_only_leaves_no_read(inductor):
     x, table = torch.randn(4), torch.randn(10, 4)
     t = torch.tensor(7)
-    options = {"inductor": inductor, **only_hoist_item()}
+    options = {"inductor": inductor, **only("hoist_item")}
     result = trace(tensor_math_only, x, t, table, options=options)
     assert count_ops(result.before("hoist_item"))[READ] >= 1
     assert count_ops(result.after("hoist_item"))[READ] == 0
@@ -326,8 +316,8 @@ def test_a_timestep_on_another_device_keeps_its_read():
 @torch.no_grad()
 def test_indexing_keeps_one_read_when_select_on_device_is_off():
     x, t, table = torch.randn(4), torch.tensor([3]), torch.randn(10, 4)
-    on = trace(flatten_form, x, t, table, options=only_hoist_item())
-    off = trace(flatten_form, x, t, table, options=only_hoist_item(select_on_device=False))
+    on = trace(flatten_form, x, t, table, options=only("hoist_item"))
+    off = trace(flatten_form, x, t, table, options=only("hoist_item", select_on_device=False))
     assert count_ops(on.after("hoist_item"))[READ] == 0
     assert count_ops(off.after("hoist_item"))[READ] == 1
     assert torch.equal(on.output, flatten_form(x, t, table)) and torch.equal(off.output, flatten_form(x, t, table))
@@ -342,7 +332,7 @@ def not_exact(x16, t, table):
 @torch.no_grad()
 def test_near_misses_keep_their_read():
     x16, t, table = torch.randn(4, dtype=torch.bfloat16), torch.tensor(3), torch.randn(10, 4)
-    result = trace(not_exact, x16, t, table, options=only_hoist_item())
+    result = trace(not_exact, x16, t, table, options=only("hoist_item"))
     assert count_ops(result.after("hoist_item"))[READ] == 1
     for got, want in zip(result.output, not_exact(x16, t, table)):
         assert torch.equal(got, want)
@@ -388,7 +378,7 @@ def test_denoise_step_inductor_code_has_no_item():
     torch.manual_seed(0)
     step = DenoiseStep(config).eval()
     latents, timesteps, context = loop_example_inputs(config, num_steps=3)
-    compiled = torch.compile(step, backend="diffopt", options=only_hoist_item())
+    compiled = torch.compile(step, backend="diffopt", options=only("hoist_item"))
     _, code = run_and_get_code(compiled, latents, timesteps[0].expand(1), context)
     assert sum(source.count(".item()") for source in code) == 0
     with torch._dynamo.config.patch(error_on_recompile=True):

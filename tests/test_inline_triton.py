@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffopt.testing import trace
+from diffopt.testing import ON_CPU, trace
 
-ON_CPU = {"passes": {"qk_norm_rope": {"devices": ["cpu", "cuda"]}}}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

@@ -4,10 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffopt.testing import trace
-
-ON_CPU = {"passes": {"qk_norm_rope": {"devices": ["cpu"]}}}
-INDUCTOR = [pytest.param(False, id="aten"), pytest.param(True, id="inductor")]
+from diffopt.testing import ON_CPU, trace
 
 
 def rand(*shape, scale=1.0, seed=0, dtype=torch.float32):
@@ -55,7 +52,6 @@ def fp32_then_half(q, k, wq, wk, cos, sin, exit_dtype):
     return (q * cos + rotate_half(q) * sin).to(exit_dtype), (k * cos + rotate_half(k) * sin).to(exit_dtype)
 
 
-@pytest.mark.parametrize("inductor", INDUCTOR)
 @pytest.mark.parametrize("scale", [1.0, 3e5, 2e-6], ids=["ordinary", "beyond_fp16", "near_subnormal"])
 @pytest.mark.parametrize("exit_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_fp32_rotation_rounded_once_at_the_exit(inductor, scale, exit_dtype):
@@ -99,7 +95,6 @@ def roundtrip_after(q, k, cos, sin):
     return q * 2, k * 2
 
 
-@pytest.mark.parametrize("inductor", INDUCTOR)
 @pytest.mark.parametrize("fn", [roundtrip_between, roundtrip_inside, roundtrip_after])
 def test_a_rounding_the_program_asks_for_is_kept(inductor, fn):
     # ``.to(bf16).float()`` in fp32 code is part of what it computes: the rotation region that would skip
@@ -144,7 +139,6 @@ def transposed_then_viewed(q, k, cos, sin):
     return q.transpose(1, 2).view(B, H, S * D), k.as_strided((B, 2, S * D), (H * S * D, S * D, 1))
 
 
-@pytest.mark.parametrize("inductor", INDUCTOR)
 def test_consumers_see_the_stock_strides(inductor):
     B, S, H, D = 2, 5, 3, 16
     q, k = rand(B, H, S, D, seed=8), rand(B, H, S, D, seed=9)
@@ -168,7 +162,6 @@ def rotate_into_contiguous_from_transposed(q, k, cos, sin):
     return q.as_strided((2, 30), (30, 1)), k.view(2, -1)
 
 
-@pytest.mark.parametrize("inductor", INDUCTOR)
 def test_a_layout_the_op_cannot_write_declines(inductor):
     B, S, H, D = 2, 5, 3, 16
     args = (rand(B, H, S, D, seed=10), rand(B, H, S, D, seed=11), *tables(S, D))
@@ -190,7 +183,6 @@ def norm_weight_shaped(q, k, wq, wk, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-@pytest.mark.parametrize("inductor", INDUCTOR)
 @pytest.mark.parametrize("weight_shape", [(16,), (1, 16), (1, 1, 1, 16)], ids=["D", "1xD", "1x1x1xD"])
 def test_norm_weights_of_any_broadcast_shape_fuse(inductor, weight_shape):
     B, S, H, D = 2, 4, 4, 16
@@ -232,7 +224,6 @@ def _complex_freqs(S, D):
     return torch.polar(torch.ones_like(ang), ang).view(1, S, 1, D // 2)
 
 
-@pytest.mark.parametrize("inductor", INDUCTOR)
 @pytest.mark.parametrize("case", ["float64", "float64_tables", "complex128_tables"])
 def test_float64_math_declines_quietly(inductor, case):
     B, S, H, D = 1, 4, 2, 8
@@ -288,7 +279,6 @@ def other_positions(q, k, cos_cache, sin_cache, positions):
     return q * qc + rotate_half(q) * qs, k * kc + rotate_half(k) * ks
 
 
-@pytest.mark.parametrize("inductor", INDUCTOR)
 @pytest.mark.parametrize("case", ["own_tables", "one_tensor", "one_tensor_same_eps", "other_positions"])
 def test_more_stock_forms(inductor, case):
     B, S, H, D = 2, 5, 4, 16
@@ -324,7 +314,6 @@ def diffusers_interleaved(q, k, wq, wk, cos, sin):
     return apply_rotary_emb(q, (cos, sin), sequence_dim=1), apply_rotary_emb(k, (cos, sin), sequence_dim=1)
 
 
-@pytest.mark.parametrize("inductor", INDUCTOR)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_interleaved_pairs_with_per_channel_tables(inductor, dtype):
     pytest.importorskip("diffusers")

@@ -5,11 +5,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffopt.testing import count_ops, trace
+from diffopt.testing import ON_CPU, count_ops, trace
 
 FUSED = "diffopt.qk_norm_rope.default"
 # The pass fires on CUDA by default; these CPU tests turn it on for CPU tensors too.
-ON_CPU = {"passes": {"qk_norm_rope": {"devices": ["cpu", "cuda"]}}}
 
 
 def rand(*shape, dtype=torch.float32, seed=0):

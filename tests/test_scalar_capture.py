@@ -4,7 +4,6 @@ Float timesteps read as integers (``int(t.item())`` and the other roundings) bec
 reads; a frame that does not trace with captured scalars (``.tolist()`` of a slice whose length
 is a captured number) compiles as Inductor compiles it, with a warning; other frames keep
 capturing."""
-import functools
 import logging
 import math
 
@@ -15,8 +14,8 @@ import diffopt
 import diffopt.backend
 import diffopt.fxpasses
 from diffopt import scalar_capture
-from diffopt.backend import diffopt_backend
 from diffopt.graph_pass import GraphPass, Stage
+from diffopt.testing import Compiled
 from test_hoist_item import cfg_step  # three reads of one timestep element through different views
 
 READ = "aten::_local_scalar_dense"
@@ -72,19 +71,14 @@ def narrow_form(x, t, table):
 FORMS = [int_form, trunc_form, floor_form, ceil_form, round_form, narrow_form]
 
 
-def compiled(fn, **options):
-    return torch.compile(fn, backend=functools.partial(diffopt_backend, options={"strict": True, **options}))
-
-
 @torch.no_grad()
-@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
 @pytest.mark.parametrize("form", FORMS, ids=[f.__name__ for f in FORMS])
 def test_float_timesteps_read_as_integers(form, inductor, tables):
     # Before: NameError: name 'TruncToInt' is not defined (FloorToInt, CeilToInt, RoundToInt)
     # at the first call with Inductor, for every one of these forms.
     x, table = tables
     torch._dynamo.utils.counters.clear()
-    fn = compiled(form, inductor=inductor)
+    fn = Compiled(form, {"inductor": inductor})
     for value in TIMESTEPS:
         t = torch.tensor([value])
         torch.testing.assert_close(fn(x, t, table), form(x, t, table), rtol=0, atol=0)
@@ -97,7 +91,7 @@ def test_float_timesteps_read_as_integers(form, inductor, tables):
 )
 def test_float_timesteps_without_the_on_device_gather(passes, tables):
     x, table = tables
-    fn = compiled(int_form, passes=passes)
+    fn = Compiled(int_form, {"passes": passes})
     for value in TIMESTEPS:
         t = torch.tensor([value])
         torch.testing.assert_close(fn(x, t, table), int_form(x, t, table), rtol=0, atol=0)
@@ -108,7 +102,7 @@ def test_a_float_timestep_index_needs_no_read(tables):
     # The integer read is one hoist_item moves onto the device, as it does an integer timestep's.
     x, table = tables
     t = torch.tensor([999.7])
-    fn = compiled(int_form)
+    fn = Compiled(int_form)
     fn(x, t, table)
     out, reads = run_time_reads(fn, x, t, table)
     torch.testing.assert_close(out, int_form(x, t, table), rtol=0, atol=0)
@@ -124,17 +118,16 @@ def test_a_float_timestep_index_needs_no_read(tables):
 def test_float_timesteps_on_cuda(form):
     g = torch.Generator(device="cuda").manual_seed(13)
     x, table = torch.randn(7, device="cuda", generator=g), torch.randn(1000, 7, device="cuda", generator=g)
-    fn = compiled(form)
+    fn = Compiled(form)
     for value in TIMESTEPS:
         t = torch.tensor([value], device="cuda")
         torch.testing.assert_close(fn(x, t, table), form(x, t, table), rtol=0, atol=0)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
 def test_float_timestep_reads_of_one_element_are_one_read(inductor):
     x = torch.randn(10, generator=torch.Generator().manual_seed(5))
-    fn = compiled(cfg_step, inductor=inductor)
+    fn = Compiled(cfg_step, {"inductor": inductor})
     for value in (5.7, 2.0, 8.5):
         t = torch.tensor([value, 1.5])
         fn(x, t)
@@ -149,7 +142,6 @@ def scaled_form(x, t, table):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
 def test_other_float_roundings_compile_without_capture(inductor, tables, caplog):
     x, table = tables
     with caplog.at_level(logging.WARNING, logger="diffopt"):
@@ -196,7 +188,6 @@ def prefix_inputs():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
 def test_tolist_of_a_captured_length_compiles(inductor, prefix_inputs, caplog):
     # Before: GuardOnDataDependentSymNode (backend="inductor" compiles it).
     model = PrefixModel()

@@ -236,7 +236,6 @@ def test_viewability_rule_agrees_with_eager(sizes, seed):
         assert viewable(t, torch.empty(shape)) == eager, (t.shape, t.stride(), shape)
 
 
-@pytest.mark.parametrize("inductor", [False, True], ids=["aten", "inductor"])
 def test_as_strided_consumer_keeps_the_copy(inductor):
     # F.rms_norm of a transposed tensor ends in a contiguous copy; as_strided reads that copy's memory
     # order, so the copy must stay (found by the front-end generator, issue 13).

@@ -21,11 +21,12 @@ from diffopt.models.vsa import (
     vsa_config,
     vsa_indices,
 )
-from diffopt.testing import count_ops, trace
+from diffopt.testing import check_passes, count_ops, only, trace
 
 INDEX = "aten.index.Tensor"
 grids = st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9))
 OURS_OFF = {"passes": {"padded_buffer": False, "fold_gathers": False}}
+VSA = ("fold_invariant", "padded_buffer", "fold_gathers")  # run through Inductor, checked against the same compile without them
 
 
 def rand(*shape, dtype=torch.float32, seed=0):
@@ -83,7 +84,7 @@ def untile_per_call(x, grid):
 @torch.no_grad()
 def test_untile_per_call_folds_to_one_constant_gather(grid):
     x = rand(2, padded_len(grid), 3, 4)
-    result = trace(untile_per_call, x, grid)
+    result = check_passes(untile_per_call, x, grid, passes=VSA)
     assert result.report.matches("fold_gathers") == 1
     assert count_ops(result.before("fold_gathers"))[INDEX] == 2
     assert count_ops(result.after("fold_gathers"))[INDEX] == 1
@@ -103,7 +104,7 @@ def test_composed_index_equals_two_step_gather(grid):
     npi, ridx = non_pad_index(grid), reverse_tile_partition_indices(grid)
     x = rand(1, padded_len(grid), 2, 3, seed=sum(grid))
     assert torch.equal(x[:, npi][:, ridx], x[:, npi[ridx]])
-    result = trace(untile_per_call, x, grid)
+    result = check_passes(untile_per_call, x, grid, passes=VSA)
     [name] = constants(result, "fold_gathers")
     assert torch.equal(getattr(result.after("fold_gathers").owning_module, name), npi[ridx])
     assert torch.equal(result.output, x[:, npi][:, ridx])
@@ -137,7 +138,7 @@ def test_index_that_changes_per_call_is_composed_in_the_graph_not_cached():
         return diffopt.diffopt_backend(gm, example_inputs, options={"inductor": False, "strict": True})
 
     x = rand(2, 20, 3)
-    result = trace(two_gathers, x, torch.randperm(20)[:12], torch.randint(-12, 12, (7,)))
+    result = check_passes(two_gathers, x, torch.randperm(20)[:12], torch.randint(-12, 12, (7,)), passes=VSA)
     assert result.report.matches("fold_gathers") == 1 and constants(result, "fold_gathers") == []
     assert count_ops(result.after("fold_gathers"))[INDEX] == 2  # a[b] (ints) and x[:, a[b]]
 
@@ -161,7 +162,7 @@ def random_index_gathers(x):
 def test_random_index_is_not_folded_into_a_constant():
     x = rand(2, 16, 3)
     torch.manual_seed(7)
-    result = trace(random_index_gathers, x)
+    result = trace(random_index_gathers, x, options=only(*VSA))  # random: no second compile to compare with
     torch.manual_seed(7)
     expected = random_index_gathers(x)
     assert result.report.matches("fold_gathers") == 1 and constants(result, "fold_gathers") == []
@@ -186,9 +187,9 @@ def reused(x, a, b):
 @torch.no_grad()
 def test_fold_near_misses(fn):
     x, a, b = rand(2, 12, 12), torch.randperm(12), torch.randint(0, 12, (5,))
-    result = trace(fn, x, a, b)
+    result = check_passes(fn, x, a, b, passes=VSA)
     assert result.report.matches("fold_gathers") == 0
-    torch.testing.assert_close(result.output, fn(x, a, b), rtol=0, atol=0)
+    torch.testing.assert_close(result.output, fn(x, a, b))  # bit for bit against the compile without the passes
 
 
 def select_forms(x, a, b):
@@ -242,7 +243,7 @@ def _check_tiles(fn, calls, *index_args, per_call_indices=None):
 @torch.no_grad()
 def test_tile_per_call_becomes_one_gather_with_constant_index():
     x = rand(2, math.prod(GRID), 3, 4)
-    result = trace(tile_per_call, x)
+    result = check_passes(tile_per_call, x, passes=VSA)
     assert result.report.matches("padded_buffer") == 1 and result.report.matches("fold_gathers") == 1
     after = count_ops(result.after("fold_gathers"))
     assert after["aten.full.default"] == 0 and after["aten.index_put.default"] == 0  # no zero fill, no scatter
@@ -250,7 +251,6 @@ def test_tile_per_call_becomes_one_gather_with_constant_index():
     assert len(constants(result, "fold_gathers")) == 2  # composed source index, pad mask
 
 
-@pytest.mark.parametrize("inductor", [False, True])
 @torch.no_grad()
 def test_pad_rows_stay_zero_over_many_calls(inductor):
     compiled = torch.compile(
@@ -265,7 +265,7 @@ def test_pad_rows_stay_zero_over_many_calls(inductor):
 def test_scatter_index_that_changes_per_call_stays_in_the_graph():
     S, P = math.prod(GRID), padded_len(GRID)
     tidx, npi = tile_partition_indices(GRID), non_pad_index(GRID)
-    result = trace(tile_inputs, rand(2, S, 3, 4), tidx, npi)
+    result = check_passes(tile_inputs, rand(2, S, 3, 4), tidx, npi, passes=VSA)
     assert result.report.matches("padded_buffer") == 1 and constants(result, "padded_buffer") == []
     assert count_ops(result.after("padded_buffer"))["aten.index_put.default"] == 1  # the small inverse map, per call
 
@@ -311,14 +311,14 @@ def zeros_used_after(x, npi):
 @torch.no_grad()
 def test_padded_buffer_near_misses(fn, fires):
     x, npi = rand(2, 10, 3), torch.randperm(64)[:10]
-    result = trace(fn, x, npi)
+    result = check_passes(fn, x, npi, passes=VSA)
     assert result.report.matches("padded_buffer") == fires
     torch.testing.assert_close(result.output, fn(x, npi), rtol=0, atol=0)
 
 
 @torch.no_grad()
 def test_dynamic_batch():
-    result = trace(tile_per_call, rand(3, math.prod(GRID), 3, 4), dynamic=True)
+    result = check_passes(tile_per_call, rand(3, math.prod(GRID), 3, 4), passes=VSA, dynamic=True)
     assert result.report.matches("padded_buffer") == 1 and result.report.matches("fold_gathers") == 1
     torch.testing.assert_close(result.output, tile_per_call(rand(3, math.prod(GRID), 3, 4)), rtol=0, atol=0)
 
