@@ -53,6 +53,9 @@ PRIVATE: dict[str, tuple[tuple[str, str], ...]] = {
     "triton_kernel_mutation": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_mutation"),),
     "FunctionalTensor": (("torch._subclasses.functional_tensor", "FunctionalTensor"),),
     "FunctionalTensorMode": (("torch._subclasses.functional_tensor", "FunctionalTensorMode"),),
+    "set_grad_enabled": (("torch._C", "_set_grad_enabled"),),
+    "enter_inference_mode": (("torch.autograd.grad_mode", "_enter_inference_mode"),),
+    "exit_inference_mode": (("torch.autograd.grad_mode", "_exit_inference_mode"),),
     "resolve_process_group": (("torch.distributed.distributed_c10d", "_resolve_process_group"),),
     "process_groups": (("torch.distributed.distributed_c10d", "_world"),),
     "stable_topological_sort": (("torch._inductor.pattern_matcher", "stable_topological_sort"),),
@@ -115,6 +118,11 @@ def triton_kernel_nodes() -> tuple[Any, Any]:
     """(functional, mutating) higher-order ops of a user-defined Triton kernel launch in a graph
     (what ``torch.library.wrap_triton`` traces to; Inductor lowers them as its own kernels)."""
     return _required("triton_kernel_functional"), _required("triton_kernel_mutation")
+
+
+def autograd_state_switches() -> set[Any]:
+    """The calls in a Dynamo graph that switch grad mode or inference mode."""
+    return {_required(name) for name in ("set_grad_enabled", "enter_inference_mode", "exit_inference_mode")}
 
 
 # --- fake tensors and dispatch modes -------------------------------------------------------------

@@ -41,11 +41,7 @@ from .pipeline import Pipeline, not_applicable
 aten = torch.ops.aten
 
 # Switches of global autograd state that a functional ATen trace does not record.
-_STATE_SWITCHES = {
-    torch._C._set_grad_enabled,
-    torch.autograd.grad_mode._enter_inference_mode,
-    torch.autograd.grad_mode._exit_inference_mode,
-}
+_STATE_SWITCHES = compat.autograd_state_switches()
 
 
 def needs_autograd(example_inputs: Sequence[Any]) -> bool:
