@@ -83,7 +83,9 @@ class _Norm:
 class _Site:
     norm: _Norm
     norm_over: str  # "head" | "hidden"
-    x: fx.Node  # the normed tensor as heads, lead + [H, D]
+    x: fx.Node  # the normed tensor as heads: lead dims (tokens and heads, in any order) + [D]
+    path: list[fx.Node]  # the head split and transposes from the norm's output to x (views, in order)
+    head_axis: int  # which of x's lead dims is the heads
     exit: fx.Node
     region: list[fx.Node]
     cos: Any  # table node, or (complex table node, "real")
@@ -265,7 +267,7 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None
     kept = None
     out_val = fake_value(norm.out)
     users = list(norm.out.users)
-    candidates = []
+    candidates = []  # (x, norm_over, path, head axis of x when the path fixes it)
     if len(users) == 1 and users[0].target in _VIEWS:
         # Across heads: a view splits the normed [..., H*D] into [..., H, D].
         view_val = fake_value(users[0])
@@ -274,9 +276,16 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None
             and _same_shape(view_val.shape[:-2], out_val.shape[:-1])
             and _same(view_val.shape[-2] * view_val.shape[-1], norm.size)
         ):
-            candidates.append((users[0], "hidden"))
-    candidates.append((norm.out, "head"))
-    for x, norm_over in candidates:
+            candidates.append((users[0], "hidden", [users[0]], view_val.dim() - 2))
+    candidates.append((norm.out, "head", [], None))
+    for x, norm_over, path, head_axis in list(candidates):
+        # The rotation in another layout ([B, H, S, D]): a transpose of the token and head dims after the norm.
+        transposed = _lead_transpose(x)
+        if transposed is not None:
+            dims = transposed.args[1]
+            axis = None if head_axis is None else [d % len(dims) for d in dims].index(head_axis)
+            candidates.append((transposed, norm_over, path + [transposed], axis))
+    for x, norm_over, path, head_axis in candidates:
         x_val = fake_value(x)
         if x_val.dim() not in (3, 4):
             continue
@@ -288,12 +297,23 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None
                 continue
             members = [n for n in region if position[n] <= position[exit_node]]
             with compat.unset_fake_temporarily():  # rows are real tensors, whatever mode compiles the graph
-                layout = _identify_rotation(x, exit_node, members, lead_rank, position)
+                layout = _identify_rotation(x, exit_node, members, lead_rank, position, head_axis)
             if layout is not None:
                 kept = _rounding_kept(norm.nodes + members, exit_val.dtype)
                 if kept is None:
-                    return _Site(norm, norm_over, x, exit_node, members, *layout)
+                    *rotation, axis = layout
+                    return _Site(norm, norm_over, x, path, axis, exit_node, members, *rotation)
     return kept
+
+
+def _lead_transpose(node: fx.Node) -> fx.Node | None:
+    """The only user of ``node`` if it is a permute of its lead dims (channels stay last), else None."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].target is not aten.permute.default:
+        return None
+    rank = fake_value(node).dim()
+    dims = [d % rank for d in users[0].args[1]]
+    return users[0] if dims[-1] == rank - 1 and dims != list(range(rank)) else None
 
 
 _REGION_OPS = {
@@ -340,8 +360,11 @@ def _grow_region(x: fx.Node, position: dict[fx.Node, int]) -> tuple[list[fx.Node
     return region, exits
 
 
-def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], lead_rank: int, position):
-    """(cos, sin, style, rope_dim) if the region from x to exit_node is a rotation, else None."""
+def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], lead_rank: int, position,
+                       head_axis: int | None):
+    """(cos, sin, style, rope_dim, head axis) if the region from x to exit_node is a rotation, else None.
+    ``head_axis``: which lead dim of x is the heads, where the graph says so (the head split of an
+    across-heads norm); else any lead dim that the tables broadcast over."""
     member_set = set(members)
     x_val = fake_value(x)
     head_dim = _concrete(x_val.shape[-1])
@@ -360,9 +383,16 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
     tables = []
     for leaf in relevant:
         val = fake_value(leaf)
-        if not isinstance(val, torch.Tensor) or not _broadcasts_over_heads(val, x_val, lead_rank):
+        if not isinstance(val, torch.Tensor):
             return None
         tables.append(leaf)
+    axes = [_head_axes(fake_value(t), x_val, lead_rank) for t in tables]
+    common = [axis for axis in axes[0] if all(axis in a for a in axes)] if axes else []
+    if head_axis is not None:
+        common = [axis for axis in common if axis == head_axis]
+    if not common:
+        return None  # the tables vary along every lead dim: per head
+    head_axis = common[0]
     if len(tables) == 1 and fake_value(tables[0]).is_complex():
         length = _concrete(fake_value(tables[0]).shape[-1]) or 0
         candidates = [((tables[0], 0), (tables[0], 1), style, 2 * length) for style in ("interleaved", "neox")]
@@ -383,7 +413,7 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
     candidates = [c for c in candidates if 0 < c[3] <= head_dim and c[3] % 2 == 0]
     for cos, sin, style, rope_dim in candidates:
         if all(_agrees(x, exit_node, members, lead_rank, cos, sin, style, rope_dim, seed) for seed in (1, 2)):
-            return cos, sin, style, rope_dim
+            return cos, sin, style, rope_dim, head_axis
     return None
 
 
@@ -401,14 +431,17 @@ def _derived_from(node: fx.Node, x: fx.Node, position: dict[fx.Node, int]) -> bo
     return False
 
 
-def _broadcasts_over_heads(table: torch.Tensor, x: torch.Tensor, lead_rank: int) -> bool:
-    # Right-aligned with x's lead + [L]: size 1 at the head dim, 1 or x's size at token dims.
+def _head_axes(table: torch.Tensor, x: torch.Tensor, lead_rank: int) -> list[int]:
+    """The lead dims of x that can be the heads for this table: right-aligned with x's lead + [L], it has
+    size 1 there and size 1 or x's size at the other (token) dims. Best first: [..., S, H, D], then
+    [B, H, S, D] (the layouts models write)."""
     lead = list(table.shape[:-1])
     x_lead = list(x.shape[:lead_rank])
-    if len(lead) > len(x_lead):
-        return False
+    if len(lead) > len(x_lead) or not all(_same(t, 1) or _same(t, s) for t, s in zip(lead[::-1], x_lead[::-1])):
+        return []
     lead = [1] * (len(x_lead) - len(lead)) + lead
-    return _same(lead[-1], 1) and all(_same(t, 1) or _same(t, s) for t, s in zip(lead[:-1], x_lead[:-1]))
+    order = [lead_rank - 1] + [axis for axis in (1, 0) if axis < lead_rank - 1]
+    return [axis for axis in order if _same(lead[axis], 1)]
 
 
 class _NoMatch(Exception):
@@ -595,13 +628,14 @@ def _same_value(a: Any, b: Any, depth: int) -> bool:
 
 
 def _compatible(q: _Site, k: _Site) -> bool:
-    qv, kv = fake_value(q.x), fake_value(k.x)
+    qv, kv = (fake_value(site.x).permute(_op_order(site)) for site in (q, k))
     return (
         q.norm_over == k.norm_over
         and q.rope_style == k.rope_style
         and q.rope_dim == k.rope_dim
         and _same_table(q.cos, k.cos)
         and _same_table(q.sin, k.sin)
+        and _op_order(q) == _op_order(k)
         and qv.dim() == kv.dim()
         and _same_shape(qv.shape[:-2], kv.shape[:-2])
         and _same(qv.shape[-1], kv.shape[-1])
@@ -636,7 +670,7 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], 
     for site, out in zip((q, k), outs):
         site.exit.replace_all_uses_with(out)
     for site in (q, k):
-        erase_unused(graph, site.region + site.norm.nodes)
+        erase_unused(graph, site.region + site.path + site.norm.nodes)
     log.add(
         q.exit,
         replaced=f"RMSNorm ({q.norm_over}) + {q.rope_style} RoPE (rope_dim {q.rope_dim}) on q and k",
@@ -654,8 +688,8 @@ def _insert_fused(graph, q: _Site, k: _Site, rank: int, out_dtype: torch.dtype, 
 
     q_in = _as_bsHD(q, call)
     k_in = _as_bsHD(k, call)
-    cos = _table_as_bs1L(q.cos, rank - 1, q.exit, call)
-    sin = _table_as_bs1L(q.sin, rank - 1, q.exit, call)
+    cos = _table_as_bs1L(q.cos, q, call)
+    sin = _table_as_bs1L(q.sin, q, call)
     q_w = _weight_1d(q.norm, q.exit, call)
     k_w = _weight_1d(k.norm, k.exit, call)
     fused = call(
@@ -676,6 +710,9 @@ def _insert_fused(graph, q: _Site, k: _Site, rank: int, out_dtype: torch.dtype, 
         out = call(operator.getitem, (fused, index), site.exit)
         if rank == 3:
             out = call(aten.squeeze.dim, (out, 0), site.exit)
+        order = _op_order(site)
+        if order != list(range(rank)):  # back to the stock layout ([B, H, S, D])
+            out = call(aten.permute.default, (out, [order.index(d) for d in range(rank)]), site.exit)
         outs.append(out)
     return fused, outs
 
@@ -739,14 +776,22 @@ def _hoist_before(inputs: list[fx.Node], first_user: fx.Node, position: dict[fx.
     return True
 
 
+def _op_order(site: _Site) -> list[int]:
+    """The permutation of x's dims into the op's order: tokens (in x's order), heads, channels."""
+    rank = fake_value(site.x).dim()
+    return [d for d in range(rank - 1) if d != site.head_axis] + [site.head_axis, rank - 1]
+
+
 def _as_bsHD(site: _Site, call) -> fx.Node:
     """The norm's input as [B, S, H, D], read in its own dtype (the op computes in fp32 from it)."""
-    x_val = fake_value(site.x)
     source = site.norm.source
-    if site.norm_over == "hidden":
-        # [..., H*D] -> [..., H, D], with the shape the graph itself uses for the head split
-        source = call(site.x.target, (source, site.x.args[1]), site.exit)
-    if x_val.dim() == 3:  # unbatched tokens [N, H, D] -> [1, N, H, D]
+    for view in site.path:
+        # [..., H*D] -> [..., H, D], and transposes, with the shapes the graph itself uses
+        source = call(view.target, (source, view.args[1]), site.exit)
+    order = _op_order(site)
+    if order != list(range(len(order))):
+        source = call(aten.permute.default, (source, order), site.exit)
+    if len(order) == 3:  # unbatched tokens [N, H, D] -> [1, N, H, D]
         source = call(aten.unsqueeze.default, (source, 0), site.exit)
     return source
 
@@ -758,12 +803,18 @@ def _weight_1d(norm: _Norm, origin: fx.Node, call) -> fx.Node | None:
     return call(aten.reshape.default, (norm.weight, [norm.size]), origin)
 
 
-def _table_as_bs1L(spec: Any, lead_rank: int, origin: fx.Node, call) -> fx.Node:
+def _table_as_bs1L(spec: Any, site: _Site, call) -> fx.Node:
     node, part = spec if isinstance(spec, tuple) else (spec, None)
+    origin = site.exit
     if part is not None:
         node = call(aten.view_as_real.default, (node,), origin)
         node = call(aten.select.int, (node, -1, part), origin)
-    # Right-aligned with the heads tensor's [tokens..., H, L]; the kernel wants [B, S, 1, L].
-    for _ in range(4 - fake_value(node).dim()):
+    # Right-aligned with the heads tensor's lead dims + [L], in the op's order; the kernel wants [B, S, 1, L].
+    order = _op_order(site)
+    for _ in range(len(order) - fake_value(node).dim()):
+        node = call(aten.unsqueeze.default, (node, 0), origin)
+    if order != list(range(len(order))):
+        node = call(aten.permute.default, (node, order), origin)
+    for _ in range(4 - len(order)):
         node = call(aten.unsqueeze.default, (node, 0), origin)
     return node

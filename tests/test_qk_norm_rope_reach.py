@@ -1,0 +1,163 @@
+"""qk_norm_rope on the forms of issue 12 beyond [B, S, H, D]: each fires (op counts before/after), keeps
+eager's numerics and strides (fp32 and bf16, Inductor on and off), and its near-misses decline.
+
+- Class C: the rotation in [B, H, S, D] layout (a transpose before or after the norm; CogVideoX, Cosmos,
+  CogView4, transformers' models).
+- Class B: norm, then cat([text, image], seq), then RoPE of the concatenation (Flux, QwenImage).
+- Class E: float64 / complex128 tables (declines quietly).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffopt.testing import count_ops, trace
+
+FUSED = "diffopt.qk_norm_rope.default"
+ON_CPU = {"passes": {"qk_norm_rope": {"devices": ["cpu", "cuda"]}}}
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+INDUCTOR = pytest.mark.parametrize("inductor", [False, True], ids=["aten", "inductor"])
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) + 0.05).to(dtype)
+
+
+def check(fn, args, fires=1, inductor=False, dtype=torch.float32):
+    """Compile ``fn``; assert it fired ``fires`` times (fused calls in, norms out), agrees with eager and
+    gives eager's strides."""
+    with torch.no_grad():
+        result = trace(fn, *args, options={**ON_CPU, "inductor": inductor})
+        want = fn(*args)
+    assert result.report.matches("qk_norm_rope") == fires, [d.reason for d in result.report.declines]
+    before, after = count_ops(result.before("qk_norm_rope")), count_ops(result.after("qk_norm_rope"))
+    assert after[FUSED] == fires
+    if fires:
+        assert before["aten.rsqrt.default"] >= 2 * fires and after["aten.rsqrt.default"] == before[
+            "aten.rsqrt.default"] - 2 * fires, "the fused norms are gone"
+    for got, ref in zip(result.output, want):
+        torch.testing.assert_close(got, ref, **TOL[dtype])
+        if not inductor:  # Inductor lays out its own outputs; the pass must give eager's
+            assert got.stride() == ref.stride()
+    return result
+
+
+def norm(x, w, eps=1e-6):
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def norm_upcast(x, w, eps=1e-6):  # diffusers' RMSNorm
+    dtype = x.dtype
+    x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (x.to(dtype) * w) if w is not None else x.to(dtype)
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rope_neox(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_diffusers(x, cos, sin):
+    # diffusers' apply_rotary_emb(use_real=True, use_real_unbind_dim=-1): per-channel interleaved tables
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-x_imag, x_real], -1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def tables(S, L, seq_axis=2, dtype=torch.float32, seed=9):
+    """cos/sin of shape [1, 1, 1, L] with S tokens at ``seq_axis`` (default [1, 1, S, L]: [B, H, S, D])."""
+    shape = [1, 1, 1, L]
+    shape[seq_axis] = S
+    angle = rand(*shape, seed=seed) * 3
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+# --- Class C: [B, H, S, D] at the rotation ---------------------------------------------------
+
+
+def bhsd_transpose_before_norm(rope):
+    # Cosmos / CogView4: q.unflatten(2, (H, -1)).transpose(1, 2), then the norm and the rotation
+    def front(q, k, wq, wk, cos, sin):
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return rope(norm_upcast(q, wq), cos, sin), rope(norm_upcast(k, wk), cos, sin)
+
+    return front
+
+
+def bhsd_transpose_after_norm(rope):
+    def front(q, k, wq, wk, cos, sin):
+        return rope(norm(q, wq).transpose(1, 2), cos, sin), rope(norm(k, wk).transpose(1, 2), cos, sin)
+
+    return front
+
+
+def bhsd_across_heads(rope, H, Hk):
+    # norm over H*D, the head split, then a transpose to [B, H, S, D] (LTX-like with a [B, H, S, D] rotation)
+    def front(q, k, wq, wk, cos, sin):
+        q = norm(q, wq).unflatten(-1, (H, -1)).transpose(1, 2)
+        k = norm(k, wk).unflatten(-1, (Hk, -1)).transpose(1, 2)
+        return rope(q, cos, sin), rope(k, cos, sin)
+
+    return front
+
+
+def bshd_args(B, S, H, Hk, D, dtype, seed=0):
+    return (rand(B, S, H, D, dtype=dtype, seed=seed), rand(B, S, Hk, D, dtype=dtype, seed=seed + 1),
+            rand(D, dtype=dtype, seed=seed + 2), rand(D, dtype=dtype, seed=seed + 3))
+
+
+@INDUCTOR
+@DTYPES
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("rope", [rope_neox, rope_diffusers], ids=["neox", "interleaved_channel"])
+def test_class_c_transposed_rotation_fires(order, rope, dtype, inductor):
+    front = (bhsd_transpose_before_norm if order == "before" else bhsd_transpose_after_norm)(rope)
+    args = bshd_args(2, 5, 4, 2, 16, dtype) + tables(5, 16, dtype=dtype)  # tables [1, 1, S, D]
+    check(front, args, inductor=inductor, dtype=dtype)
+
+
+@INDUCTOR
+def test_class_c_across_heads_norm(inductor):
+    H, D = 3, 8
+    args = (rand(1, 6, H * D), rand(1, 6, H * D, seed=1), rand(H * D, seed=2), rand(H * D, seed=3)) + tables(6, 8)
+    check(bhsd_across_heads(rope_diffusers, H, H), args, inductor=inductor)
+
+
+def test_class_c_unbatched_tables_of_two_dims():
+    # tables [S, D] broadcast against [B, H, S, D] (apply_rotary_emb's sequence_dim=2 without the unsqueeze)
+    cos, sin = (t[0, 0] for t in tables(5, 16))
+    check(bhsd_transpose_before_norm(rope_neox), bshd_args(1, 5, 2, 2, 16, torch.float32) + (cos, sin))
+
+
+def test_class_c_near_miss_tables_per_head():
+    # [B, H, S, D] rotated with tables that vary along H (and broadcast over S): no lead dim is the heads
+    # for an across-heads norm, whose head split fixes which dim the heads are.
+    H, D = 3, 8
+    angle = rand(1, H, 1, D, seed=5) * 3
+    args = (rand(1, 6, H * D), rand(1, 6, H * D, seed=1), rand(H * D, seed=2), rand(H * D, seed=3),
+            angle.cos(), angle.sin())
+    check(bhsd_across_heads(rope_diffusers, H, H), args, fires=0)
+
+
+def test_class_c_near_miss_transpose_of_the_channels():
+    # a transpose that moves the channels off the last dim: the "rotation" then mixes tokens
+    def front(q, k, wq, wk, cos, sin):
+        q, k = norm(q, wq).transpose(-1, -2), norm(k, wk).transpose(-1, -2)
+        return rope_neox(q, cos, sin), rope_neox(k, cos, sin)
+
+    args = bshd_args(1, 8, 8, 8, 8, torch.float32) + tables(8, 8, seq_axis=1)
+    check(front, args, fires=0)
+
+
+def test_class_c_strides_for_consumers_that_read_memory():
+    # A consumer that reads memory order must see eager's values: outputs get the stock exit's strides.
+    def front(q, k, wq, wk, cos, sin):
+        q, k = bhsd_transpose_before_norm(rope_neox)(q, k, wq, wk, cos, sin)
+        return q.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1), k.as_strided((k.numel(),), (1,))
+
+    check(front, bshd_args(2, 5, 2, 2, 8, torch.float32) + tables(5, 8))
