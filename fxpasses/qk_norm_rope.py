@@ -85,7 +85,7 @@ class _Site:
     norm_over: str  # "head" | "hidden"
     x: fx.Node  # the normed tensor as heads: lead dims (tokens and heads, in any order) + [D]
     path: list[fx.Node]  # the head split and transposes from the norm's output to x (views, in order)
-    head_axis: int  # which of x's lead dims is the heads
+    head_axes: list[int]  # which of x's lead dims can be the heads (tables broadcast there), best first
     exit: fx.Node
     region: list[fx.Node]
     cos: Any  # table node, or (complex table node, "real")
@@ -125,9 +125,10 @@ class QKNormRope(GraphPass):
             if i in used:
                 continue
             for j in range(i + 1, len(sites)):
-                if j in used or not _compatible(q, sites[j]):
+                axis = None if j in used else _compatible(q, sites[j])
+                if axis is None:
                     continue
-                reason = _rewrite(graph, q, sites[j], position, log)
+                reason = _rewrite(graph, q, sites[j], axis, position, log)
                 position = {node: index for index, node in enumerate(graph.nodes)}
                 if reason is None:
                     used.update((i, j))
@@ -301,8 +302,8 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None
             if layout is not None:
                 kept = _rounding_kept(norm.nodes + members, exit_val.dtype)
                 if kept is None:
-                    *rotation, axis = layout
-                    return _Site(norm, norm_over, x, path, axis, exit_node, members, *rotation)
+                    *rotation, axes = layout
+                    return _Site(norm, norm_over, x, path, axes, exit_node, members, *rotation)
     return kept
 
 
@@ -392,7 +393,6 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
         common = [axis for axis in common if axis == head_axis]
     if not common:
         return None  # the tables vary along every lead dim: per head
-    head_axis = common[0]
     if len(tables) == 1 and fake_value(tables[0]).is_complex():
         length = _concrete(fake_value(tables[0]).shape[-1]) or 0
         candidates = [((tables[0], 0), (tables[0], 1), style, 2 * length) for style in ("interleaved", "neox")]
@@ -413,7 +413,7 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
     candidates = [c for c in candidates if 0 < c[3] <= head_dim and c[3] % 2 == 0]
     for cos, sin, style, rope_dim in candidates:
         if all(_agrees(x, exit_node, members, lead_rank, cos, sin, style, rope_dim, seed) for seed in (1, 2)):
-            return cos, sin, style, rope_dim, head_axis
+            return cos, sin, style, rope_dim, common
     return None
 
 
@@ -433,14 +433,15 @@ def _derived_from(node: fx.Node, x: fx.Node, position: dict[fx.Node, int]) -> bo
 
 def _head_axes(table: torch.Tensor, x: torch.Tensor, lead_rank: int) -> list[int]:
     """The lead dims of x that can be the heads for this table: right-aligned with x's lead + [L], it has
-    size 1 there and size 1 or x's size at the other (token) dims. Best first: [..., S, H, D], then
-    [B, H, S, D] (the layouts models write)."""
+    size 1 there and size 1 or x's size at the other (token) dims. Heads are where models put them: [..., S, H, D]
+    first, then [B, H, S, D] or [H, S, D]; never the batch dim of [B, ...] (tables that vary along both other
+    dims vary per head)."""
     lead = list(table.shape[:-1])
     x_lead = list(x.shape[:lead_rank])
     if len(lead) > len(x_lead) or not all(_same(t, 1) or _same(t, s) for t, s in zip(lead[::-1], x_lead[::-1])):
         return []
     lead = [1] * (len(x_lead) - len(lead)) + lead
-    order = [lead_rank - 1] + [axis for axis in (1, 0) if axis < lead_rank - 1]
+    order = [lead_rank - 1, lead_rank - 2]
     return [axis for axis in order if _same(lead[axis], 1)]
 
 
@@ -627,24 +628,30 @@ def _same_value(a: Any, b: Any, depth: int) -> bool:
     return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and type(a) is type(b) and a == b
 
 
-def _compatible(q: _Site, k: _Site) -> bool:
-    qv, kv = (fake_value(site.x).permute(_op_order(site)) for site in (q, k))
-    return (
+def _compatible(q: _Site, k: _Site) -> int | None:
+    """The head axis (of both) with which q and k make one call, or None."""
+    qv, kv = fake_value(q.x), fake_value(k.x)
+    if not (
         q.norm_over == k.norm_over
         and q.rope_style == k.rope_style
         and q.rope_dim == k.rope_dim
         and _same_table(q.cos, k.cos)
         and _same_table(q.sin, k.sin)
-        and _op_order(q) == _op_order(k)
         and qv.dim() == kv.dim()
-        and _same_shape(qv.shape[:-2], kv.shape[:-2])
         and _same(qv.shape[-1], kv.shape[-1])
         and fake_value(q.exit).dtype == fake_value(k.exit).dtype
         and fake_value(q.norm.source).dtype == fake_value(k.norm.source).dtype
-    )
+    ):
+        return None
+    for axis in q.head_axes:
+        order = _op_order(qv.dim(), axis)
+        if axis in k.head_axes and _same_shape(qv.permute(order).shape[:-2], kv.permute(order).shape[:-2]):
+            return axis
+    return None
 
 
-def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], log: RewriteLog) -> str | None:
+def _rewrite(graph: fx.Graph, q: _Site, k: _Site, head_axis: int, position: dict[fx.Node, int],
+             log: RewriteLog) -> str | None:
     """Replace the q and k sites by one fused call; the reason if they are left as they are."""
     out_dtype = fake_value(q.exit).dtype
     inputs = [q.norm.source, k.norm.source, q.norm.weight, k.norm.weight]
@@ -658,13 +665,14 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], 
     inserted: list[fx.Node] = []
     with graph.inserting_before(anchor.next):
         try:
-            fused, outs = _insert_fused(graph, q, k, x_val.dim(), out_dtype, inserted)
+            fused, outs = _insert_fused(graph, q, k, _op_order(x_val.dim(), head_axis), out_dtype, inserted)
         except ValueError as error:  # the op's own argument check: a precondition the match did not prove
             _erase(graph, inserted)
             return str(error)
     for site, out in zip((q, k), outs):
         want, got = fake_value(site.exit), fake_value(out)
-        if not _same_shape(want.stride(), got.stride()):
+        # strides of size-1 dims address nothing
+        if not all(_same(size, 1) or _same(a, b) for size, a, b in zip(want.shape, want.stride(), got.stride())):
             _erase(graph, inserted)
             return f"the stock result has strides {tuple(want.stride())}; the fused op would give {tuple(got.stride())}"
     for site, out in zip((q, k), outs):
@@ -679,17 +687,19 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], 
     return None
 
 
-def _insert_fused(graph, q: _Site, k: _Site, rank: int, out_dtype: torch.dtype, inserted: list[fx.Node]):
-    """Insert the fused call and its outputs in the stock exits' shapes; every new node goes to ``inserted``."""
+def _insert_fused(graph, q: _Site, k: _Site, order: list[int], out_dtype: torch.dtype, inserted: list[fx.Node]):
+    """Insert the fused call and its outputs in the stock exits' shapes; every new node goes to ``inserted``.
+    ``order``: the permutation of the heads tensors' dims into the op's [tokens, heads, channels]."""
 
     def call(target, args, origin, kwargs=None):
         inserted.append(insert_call(graph, target, args, origin, kwargs))
         return inserted[-1]
 
-    q_in = _as_bsHD(q, call)
-    k_in = _as_bsHD(k, call)
-    cos = _table_as_bs1L(q.cos, q, call)
-    sin = _table_as_bs1L(q.sin, q, call)
+    rank = len(order)
+    q_in = _as_bsHD(q, order, call)
+    k_in = _as_bsHD(k, order, call)
+    cos = _table_as_bs1L(q.cos, order, q.exit, call)
+    sin = _table_as_bs1L(q.sin, order, q.exit, call)
     q_w = _weight_1d(q.norm, q.exit, call)
     k_w = _weight_1d(k.norm, k.exit, call)
     fused = call(
@@ -710,7 +720,6 @@ def _insert_fused(graph, q: _Site, k: _Site, rank: int, out_dtype: torch.dtype, 
         out = call(operator.getitem, (fused, index), site.exit)
         if rank == 3:
             out = call(aten.squeeze.dim, (out, 0), site.exit)
-        order = _op_order(site)
         if order != list(range(rank)):  # back to the stock layout ([B, H, S, D])
             out = call(aten.permute.default, (out, [order.index(d) for d in range(rank)]), site.exit)
         outs.append(out)
@@ -776,19 +785,17 @@ def _hoist_before(inputs: list[fx.Node], first_user: fx.Node, position: dict[fx.
     return True
 
 
-def _op_order(site: _Site) -> list[int]:
-    """The permutation of x's dims into the op's order: tokens (in x's order), heads, channels."""
-    rank = fake_value(site.x).dim()
-    return [d for d in range(rank - 1) if d != site.head_axis] + [site.head_axis, rank - 1]
+def _op_order(rank: int, head_axis: int) -> list[int]:
+    """The permutation of a heads tensor's dims into the op's order: tokens (in their order), heads, channels."""
+    return [d for d in range(rank - 1) if d != head_axis] + [head_axis, rank - 1]
 
 
-def _as_bsHD(site: _Site, call) -> fx.Node:
+def _as_bsHD(site: _Site, order: list[int], call) -> fx.Node:
     """The norm's input as [B, S, H, D], read in its own dtype (the op computes in fp32 from it)."""
     source = site.norm.source
     for view in site.path:
         # [..., H*D] -> [..., H, D], and transposes, with the shapes the graph itself uses
         source = call(view.target, (source, view.args[1]), site.exit)
-    order = _op_order(site)
     if order != list(range(len(order))):
         source = call(aten.permute.default, (source, order), site.exit)
     if len(order) == 3:  # unbatched tokens [N, H, D] -> [1, N, H, D]
@@ -803,14 +810,12 @@ def _weight_1d(norm: _Norm, origin: fx.Node, call) -> fx.Node | None:
     return call(aten.reshape.default, (norm.weight, [norm.size]), origin)
 
 
-def _table_as_bs1L(spec: Any, site: _Site, call) -> fx.Node:
+def _table_as_bs1L(spec: Any, order: list[int], origin: fx.Node, call) -> fx.Node:
     node, part = spec if isinstance(spec, tuple) else (spec, None)
-    origin = site.exit
     if part is not None:
         node = call(aten.view_as_real.default, (node,), origin)
         node = call(aten.select.int, (node, -1, part), origin)
     # Right-aligned with the heads tensor's lead dims + [L], in the op's order; the kernel wants [B, S, 1, L].
-    order = _op_order(site)
     for _ in range(len(order) - fake_value(node).dim()):
         node = call(aten.unsqueeze.default, (node, 0), origin)
     if order != list(range(len(order))):
