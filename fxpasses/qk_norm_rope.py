@@ -92,6 +92,13 @@ class _Site:
     sin: Any
     rope_style: str
     rope_dim: int
+    # Joint attention: x is cat([norm outputs], cat_dim), a token dim; segments are those norms, in order.
+    segments: list[_Norm] = dataclasses.field(default_factory=list)
+    cat_dim: int | None = None
+
+    @property
+    def norms(self) -> list[_Norm]:
+        return self.segments or [self.norm]
 
 
 class QKNormRope(GraphPass):
@@ -105,18 +112,22 @@ class QKNormRope(GraphPass):
         position = {node: index for index, node in enumerate(graph.nodes)}
         sites = []
         off_device = set()
+        norms = []
         for node in graph.nodes:
             if node.op == "call_function" and node.target is aten.rsqrt.default:
                 for norm in _match_norms(node):
                     device = fake_value(norm.source).device.type
                     if device not in self.config["devices"]:
                         off_device.add(device)
-                        continue
-                    site = _match_site(norm, position)
-                    if isinstance(site, str):
-                        log.decline(norm.out, site)
-                    elif site is not None:
-                        sites.append(site)
+                    else:
+                        norms.append(norm)
+        norm_of = {norm.out: norm for norm in norms}
+        for norm in norms:
+            site = _match_site(norm, position, norm_of)
+            if isinstance(site, str):
+                log.decline(norm.out, site)
+            elif site is not None:
+                sites.append(site)
         for device in sorted(off_device):
             log.decline(next(iter(graph.nodes)), f"off on {device} (option devices: {list(self.config['devices'])})")
         used: set[int] = set()
@@ -262,12 +273,16 @@ def _norm_tails(out: fx.Node, weight: fx.Node | None, chain: list[fx.Node], size
 # --- the rotation ----------------------------------------------------------------
 
 
-def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None:
+def _match_site(norm: _Norm, position: dict[fx.Node, int], norm_of: dict[fx.Node, _Norm]) -> _Site | str | None:
     """The rotation that follows ``norm``, trying the norm as across-heads first, then per head, from the
-    latest exit back. A rotation whose roundings the op cannot reproduce gives the reason (a str)."""
+    latest exit back. A rotation whose roundings the op cannot reproduce gives the reason (a str).
+    ``norm_of``: every norm found, by output (the segments of a joint-attention cat)."""
     kept = None
     out_val = fake_value(norm.out)
     users = list(norm.out.users)
+    joint = _joint_cat(norm, norm_of)
+    if joint is not None:
+        return _match_joint(norm, joint, norm_of, position)
     candidates = []  # (x, norm_over, path, head axis of x when the path fixes it)
     if len(users) == 1 and users[0].target in _VIEWS:
         # Across heads: a view splits the normed [..., H*D] into [..., H, D].
@@ -304,6 +319,57 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None
                 if kept is None:
                     *rotation, axes = layout
                     return _Site(norm, norm_over, x, path, axes, exit_node, members, *rotation)
+    return kept
+
+
+def _joint_cat(norm: _Norm, norm_of: dict[fx.Node, _Norm]) -> fx.Node | None:
+    """The ``cat`` along a token dim that is the only user of ``norm`` and of the other norms it joins
+    (joint attention: cat([text, image], seq) of normed heads), if there is one."""
+    users = list(norm.out.users)
+    if len(users) != 1 or users[0].target is not aten.cat.default:
+        return None
+    cat = users[0]
+    rank = fake_value(cat).dim()
+    dim = (cat.args[1] if len(cat.args) > 1 else 0) % rank
+    parts = cat.args[0]
+    if dim >= rank - 2 or len(parts) < 2 or len(set(parts)) != len(parts):
+        return None  # along heads or channels: not joint attention
+    if not all(part in norm_of and len(part.users) == 1 for part in parts):
+        return None
+    if any(_concrete(fake_value(part).shape[dim]) is None for part in parts):
+        return None  # segment lengths slice the tables: known at compile time
+    return cat
+
+
+def _match_joint(norm: _Norm, cat: fx.Node, norm_of: dict[fx.Node, _Norm], position) -> _Site | str | None:
+    """The rotation of cat([normed segments], seq): found once, from the cat's first segment."""
+    if cat.args[0][0] is not norm.out:
+        return None
+    segments = [norm_of[part] for part in cat.args[0]]
+    x_val = fake_value(cat)
+    if x_val.dim() not in (3, 4):
+        return None
+    cat_dim = (cat.args[1] if len(cat.args) > 1 else 0) % x_val.dim()
+    lead_rank = x_val.dim() - 1
+    region, exits = _grow_region(cat, position)
+    kept = None
+    for exit_node in reversed(exits):
+        exit_val = fake_value(exit_node)
+        if not isinstance(exit_val, torch.Tensor) or not _same_shape(exit_val.shape, x_val.shape):
+            continue
+        members = [n for n in region if position[n] <= position[exit_node]]
+        with compat.unset_fake_temporarily():
+            layout = _identify_rotation(cat, exit_node, members, lead_rank, position, None)
+        if layout is None:
+            continue
+        *rotation, axes = layout
+        axes = [axis for axis in axes if axis != cat_dim]
+        if not axes:
+            continue
+        kept = _rounding_kept([n for seg in segments for n in seg.nodes] + members, exit_val.dtype)
+        if kept is None:
+            return _Site(norm, "head", cat, [], axes, exit_node, members, *rotation, segments=segments,
+                         cat_dim=cat_dim)
     return kept
 
 
@@ -641,6 +707,8 @@ def _compatible(q: _Site, k: _Site) -> int | None:
         and _same(qv.shape[-1], kv.shape[-1])
         and fake_value(q.exit).dtype == fake_value(k.exit).dtype
         and fake_value(q.norm.source).dtype == fake_value(k.norm.source).dtype
+        and q.cat_dim == k.cat_dim
+        and [_segment_len(n, q.cat_dim) for n in q.norms] == [_segment_len(n, k.cat_dim) for n in k.norms]
     ):
         return None
     for axis in q.head_axes:
@@ -650,11 +718,16 @@ def _compatible(q: _Site, k: _Site) -> int | None:
     return None
 
 
+def _segment_len(norm: _Norm, dim: int | None) -> int | None:
+    """A joint-attention segment's length along the cat (None: not a segment)."""
+    return None if dim is None else _concrete(fake_value(norm.out).shape[dim])
+
+
 def _rewrite(graph: fx.Graph, q: _Site, k: _Site, head_axis: int, position: dict[fx.Node, int],
              log: RewriteLog) -> str | None:
     """Replace the q and k sites by one fused call; the reason if they are left as they are."""
     out_dtype = fake_value(q.exit).dtype
-    inputs = [q.norm.source, k.norm.source, q.norm.weight, k.norm.weight]
+    inputs = [n for site in (q, k) for norm in site.norms for n in (norm.source, norm.weight)]
     inputs += [spec[0] if isinstance(spec, tuple) else spec for spec in (q.cos, q.sin)]
     inputs = [n for n in inputs if n is not None]
     first_user = min((u for site in (q, k) for u in site.exit.users), key=position.__getitem__)
@@ -678,10 +751,11 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, head_axis: int, position: dict
     for site, out in zip((q, k), outs):
         site.exit.replace_all_uses_with(out)
     for site in (q, k):
-        erase_unused(graph, site.region + site.path + site.norm.nodes)
+        erase_unused(graph, site.region + site.path + [n for norm in site.norms for n in norm.nodes])
+    joint = f", per segment of a cat of {len(q.norms)}" if q.segments else ""
     log.add(
         q.exit,
-        replaced=f"RMSNorm ({q.norm_over}) + {q.rope_style} RoPE (rope_dim {q.rope_dim}) on q and k",
+        replaced=f"RMSNorm ({q.norm_over}) + {q.rope_style} RoPE (rope_dim {q.rope_dim}) on q and k{joint}",
         by="diffopt.qk_norm_rope",
     )
     return None
@@ -696,34 +770,43 @@ def _insert_fused(graph, q: _Site, k: _Site, order: list[int], out_dtype: torch.
         return inserted[-1]
 
     rank = len(order)
-    q_in = _as_bsHD(q, order, call)
-    k_in = _as_bsHD(k, order, call)
-    cos = _table_as_bs1L(q.cos, order, q.exit, call)
-    sin = _table_as_bs1L(q.sin, order, q.exit, call)
-    q_w = _weight_1d(q.norm, q.exit, call)
-    k_w = _weight_1d(k.norm, k.exit, call)
-    fused = call(
-        torch.ops.diffopt.qk_norm_rope.default,
-        (q_in, k_in, q_w, k_w, cos, sin, None),
-        q.exit,
-        {
-            "norm_over": q.norm_over,
-            "rope_style": q.rope_style,
-            "rope_dim": q.rope_dim,
-            "q_eps": q.norm.eps,
-            "k_eps": k.norm.eps,
-            "out_dtype": out_dtype,
-        },
-    )
-    outs = []
-    for index, site in enumerate((q, k)):
-        out = call(operator.getitem, (fused, index), site.exit)
-        if rank == 3:
-            out = call(aten.squeeze.dim, (out, 0), site.exit)
-        if order != list(range(rank)):  # back to the stock layout ([B, H, S, D])
-            out = call(aten.permute.default, (out, [order.index(d) for d in range(rank)]), site.exit)
-        outs.append(out)
-    return fused, outs
+    # One call per joint-attention segment (q's i-th with k's i-th, the tables' rows of that segment), the
+    # outputs concatenated as the stock code concatenated the normed segments; else one call.
+    per_segment = [[], []]
+    start = 0
+    for q_norm, k_norm in zip(q.norms, k.norms):
+        rows = None
+        if q.cat_dim is not None:
+            length = fake_value(q_norm.out).shape[q.cat_dim]
+            rows = (q.cat_dim, start, start + length)
+            start = start + length
+        q_in = _as_bsHD(q_norm, q, order, call)
+        k_in = _as_bsHD(k_norm, k, order, call)
+        cos = _table_as_bs1L(q.cos, order, rows, q.exit, call)
+        sin = _table_as_bs1L(q.sin, order, rows, q.exit, call)
+        fused = call(
+            torch.ops.diffopt.qk_norm_rope.default,
+            (q_in, k_in, _weight_1d(q_norm, q.exit, call), _weight_1d(k_norm, k.exit, call), cos, sin, None),
+            q.exit,
+            {
+                "norm_over": q.norm_over,
+                "rope_style": q.rope_style,
+                "rope_dim": q.rope_dim,
+                "q_eps": q_norm.eps,
+                "k_eps": k_norm.eps,
+                "out_dtype": out_dtype,
+            },
+        )
+        for index, site in enumerate((q, k)):
+            out = call(operator.getitem, (fused, index), site.exit)
+            if rank == 3:
+                out = call(aten.squeeze.dim, (out, 0), site.exit)
+            if order != list(range(rank)):  # back to the stock layout ([B, H, S, D])
+                out = call(aten.permute.default, (out, [order.index(d) for d in range(rank)]), site.exit)
+            per_segment[index].append(out)
+    if q.cat_dim is None:
+        return fused, [outs[0] for outs in per_segment]
+    return fused, [call(aten.cat.default, (outs, q.cat_dim), site.exit) for outs, site in zip(per_segment, (q, k))]
 
 
 def _erase(graph: fx.Graph, nodes: list[fx.Node]) -> None:
@@ -790,9 +873,9 @@ def _op_order(rank: int, head_axis: int) -> list[int]:
     return [d for d in range(rank - 1) if d != head_axis] + [head_axis, rank - 1]
 
 
-def _as_bsHD(site: _Site, order: list[int], call) -> fx.Node:
+def _as_bsHD(norm: _Norm, site: _Site, order: list[int], call) -> fx.Node:
     """The norm's input as [B, S, H, D], read in its own dtype (the op computes in fp32 from it)."""
-    source = site.norm.source
+    source = norm.source
     for view in site.path:
         # [..., H*D] -> [..., H, D], and transposes, with the shapes the graph itself uses
         source = call(view.target, (source, view.args[1]), site.exit)
@@ -810,7 +893,8 @@ def _weight_1d(norm: _Norm, origin: fx.Node, call) -> fx.Node | None:
     return call(aten.reshape.default, (norm.weight, [norm.size]), origin)
 
 
-def _table_as_bs1L(spec: Any, order: list[int], origin: fx.Node, call) -> fx.Node:
+def _table_as_bs1L(spec: Any, order: list[int], rows: tuple | None, origin: fx.Node, call) -> fx.Node:
+    """The table as the op takes it; ``rows``: (dim, start, end) of the heads tensor, a joint-attention segment."""
     node, part = spec if isinstance(spec, tuple) else (spec, None)
     if part is not None:
         node = call(aten.view_as_real.default, (node,), origin)
@@ -818,6 +902,8 @@ def _table_as_bs1L(spec: Any, order: list[int], origin: fx.Node, call) -> fx.Nod
     # Right-aligned with the heads tensor's lead dims + [L], in the op's order; the kernel wants [B, S, 1, L].
     for _ in range(len(order) - fake_value(node).dim()):
         node = call(aten.unsqueeze.default, (node, 0), origin)
+    if rows is not None and not _same(fake_value(node).shape[rows[0]], 1):
+        node = call(aten.slice.Tensor, (node, *rows), origin)
     if order != list(range(len(order))):
         node = call(aten.permute.default, (node, order), origin)
     for _ in range(4 - len(order)):

@@ -24,18 +24,19 @@ def rand(*shape, dtype=torch.float32, seed=0):
     return (torch.randn(*shape, generator=g) + 0.05).to(dtype)
 
 
-def check(fn, args, fires=1, inductor=False, dtype=torch.float32):
-    """Compile ``fn``; assert it fired ``fires`` times (fused calls in, norms out), agrees with eager and
-    gives eager's strides."""
+def check(fn, args, fires=1, inductor=False, dtype=torch.float32, calls=None):
+    """Compile ``fn``; assert it fired ``fires`` times (``calls`` fused calls in, default one per rewrite, and
+    two norms out per call), agrees with eager and gives eager's strides."""
+    calls = fires if calls is None else calls
     with torch.no_grad():
         result = trace(fn, *args, options={**ON_CPU, "inductor": inductor})
         want = fn(*args)
     assert result.report.matches("qk_norm_rope") == fires, [d.reason for d in result.report.declines]
     before, after = count_ops(result.before("qk_norm_rope")), count_ops(result.after("qk_norm_rope"))
-    assert after[FUSED] == fires
+    assert after[FUSED] == calls
     if fires:
-        assert before["aten.rsqrt.default"] >= 2 * fires and after["aten.rsqrt.default"] == before[
-            "aten.rsqrt.default"] - 2 * fires, "the fused norms are gone"
+        assert before["aten.rsqrt.default"] >= 2 * calls and after["aten.rsqrt.default"] == before[
+            "aten.rsqrt.default"] - 2 * calls, "the fused norms are gone"
     for got, ref in zip(result.output, want):
         torch.testing.assert_close(got, ref, **TOL[dtype])
         if not inductor:  # Inductor lays out its own outputs; the pass must give eager's
@@ -161,3 +162,82 @@ def test_class_c_strides_for_consumers_that_read_memory():
         return q.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1), k.as_strided((k.numel(),), (1,))
 
     check(front, bshd_args(2, 5, 2, 2, 8, torch.float32) + tables(5, 8))
+
+
+def test_class_c_near_miss_tables_per_head_in_bhsd():
+    # [B, H, S, D] (transposed before a per-head norm) with tables [1, H, S, L]: they vary per head
+    angle = rand(1, 2, 5, 8, seed=5) * 3
+    check(bhsd_transpose_before_norm(rope_neox), bshd_args(1, 5, 2, 2, 8, torch.float32) + (angle.cos(), angle.sin()),
+          fires=0)
+
+
+# --- Class B: norm, cat([text, image], seq), RoPE of the concatenation ---------------------------
+
+
+def joint(rope, seq_dim=1, k_order=(0, 1)):
+    # Flux's double block: each stream normed with its own weights, concatenated along the tokens, rotated
+    def front(q_txt, q_img, k_txt, k_img, wq_txt, wq_img, wk_txt, wk_img, cos, sin):
+        q = torch.cat([norm(q_txt, wq_txt, 1e-6), norm_upcast(q_img, wq_img, 1e-5)], seq_dim)
+        ks = [norm(k_txt, wk_txt, 1e-6), norm_upcast(k_img, wk_img, 1e-5)]
+        k = torch.cat([ks[i] for i in k_order], seq_dim)
+        return rope(q, cos, sin), rope(k, cos, sin)
+
+    return front
+
+
+def joint_args(B, S_txt, S_img, H, Hk, D, dtype=torch.float32, seq_dim=1, seed=0):
+    def heads(S, h, s):
+        shape = (B, S, h, D) if seq_dim == 1 else (B, h, S, D)
+        return rand(*shape, dtype=dtype, seed=seed + s)
+
+    acts = (heads(S_txt, H, 0), heads(S_img, H, 1), heads(S_txt, Hk, 2), heads(S_img, Hk, 3))
+    weights = tuple(rand(D, dtype=dtype, seed=seed + 4 + i) for i in range(4))
+    return acts + weights
+
+
+@INDUCTOR
+@DTYPES
+@pytest.mark.parametrize("rope", [rope_neox, rope_diffusers], ids=["neox", "interleaved_channel"])
+def test_class_b_joint_attention_fires_per_segment(rope, dtype, inductor):
+    angle = rand(1, 9, 1, 16, seed=7) * 3  # [1, S_txt + S_img, 1, D]
+    args = joint_args(2, 4, 5, 4, 2, 16, dtype) + (angle.cos().to(dtype), angle.sin().to(dtype))
+    check(joint(rope), args, fires=1, calls=2, inductor=inductor, dtype=dtype)
+
+
+def test_class_b_one_call_per_segment_and_no_extra_copy():
+    angle = rand(9, 16, seed=7) * 3  # [S, D] tables, broadcast
+    args = joint_args(1, 4, 5, 2, 2, 16) + (angle.cos()[:, None], angle.sin()[:, None])
+    result = check(joint(rope_neox), args, fires=1, calls=2)
+    before, after = count_ops(result.before("qk_norm_rope")), count_ops(result.after("qk_norm_rope"))
+    # the stock q and k cats (of the normed segments) become the cats of the rotated segments: no more
+    # copies than stock, whose rotation writes q and k once more after the cat
+    assert after["aten.cat.default"] <= before["aten.cat.default"]
+
+
+def test_class_b_near_miss_segments_rotated_with_other_tables():
+    # q's cat is rotated with one table, k's with another: the segments have no partner reading the same rows
+    def front(q_txt, q_img, k_txt, k_img, wq_txt, wq_img, wk_txt, wk_img, cos, sin, cos_k, sin_k):
+        q = torch.cat([norm(q_txt, wq_txt), norm(q_img, wq_img)], 1)
+        k = torch.cat([norm(k_txt, wk_txt), norm(k_img, wk_img)], 1)
+        return rope_neox(q, cos, sin), rope_neox(k, cos_k, sin_k)
+
+    a, b = rand(1, 9, 1, 16, seed=7) * 3, rand(1, 9, 1, 16, seed=8) * 3
+    check(front, joint_args(1, 4, 5, 2, 2, 16) + (a.cos(), a.sin(), b.cos(), b.sin()), fires=0)
+
+
+def test_class_b_near_miss_segments_in_another_order():
+    # k's segments concatenated [image, text]: its i-th segment is not q's i-th
+    angle = rand(1, 9, 1, 16, seed=7) * 3
+    args = joint_args(1, 4, 5, 2, 2, 16) + (angle.cos(), angle.sin())
+    check(joint(rope_neox, k_order=(1, 0)), args, fires=0)
+
+
+def test_class_b_near_miss_cat_of_a_normed_and_a_raw_segment():
+    # one segment is not normed: the cat is no joint attention of norms
+    def front(q_txt, q_img, k_txt, k_img, wq_txt, wq_img, wk_txt, wk_img, cos, sin):
+        q = torch.cat([q_txt, norm(q_img, wq_img)], 1)
+        k = torch.cat([k_txt, norm(k_img, wk_img)], 1)
+        return rope_neox(q, cos, sin), rope_neox(k, cos, sin)
+
+    angle = rand(1, 9, 1, 16, seed=7) * 3
+    check(front, joint_args(1, 4, 5, 2, 2, 16) + (angle.cos(), angle.sin()), fires=0)
