@@ -829,18 +829,22 @@ def _rounding_kept(nodes: list[fx.Node], out_dtype: torch.dtype) -> str | None:
     rounding (and closer to the exact value). A rounding to a narrower dtype (``.to(bfloat16).float()`` in
     fp32 code) is part of what the program computes, and float64 math is more than the op's fp32 gives.
     """
-    for node in nodes:
-        values = fake_value(node)
-        for value in values if isinstance(values, (list, tuple)) else [values]:
-            if not isinstance(value, torch.Tensor):
-                continue
-            dtype = value.dtype.to_real() if value.dtype.is_complex else value.dtype
-            if not dtype.is_floating_point:
-                return f"the stock code computes in {value.dtype}"
-            if torch.finfo(dtype).bits > 32:
-                return f"the stock code computes in {value.dtype}; the fused op computes in float32"
-            if not _holds(dtype, out_dtype):
-                return f"the stock code rounds to {value.dtype} before its {out_dtype} result"
+    values = [fake_value(node) for node in nodes]
+    dtypes = [v.dtype for vs in values for v in (vs if isinstance(vs, (list, tuple)) else [vs])
+              if isinstance(v, torch.Tensor)]
+    for dtype in dtypes:
+        real = dtype.to_real() if dtype.is_complex else dtype
+        if not real.is_floating_point:
+            return f"the stock code computes in {dtype}"
+    # float64 first: a float64 rotation of float32 values also "rounds to float32 before its float64 result"
+    wide = next((dtype for dtype in dtypes if torch.finfo(dtype.to_real() if dtype.is_complex else dtype).bits > 32),
+                None)
+    if wide is not None:
+        return (f"the stock code computes in {wide}; the fused op computes in float32 (float64 tables or q/k: "
+                "issue 12 class E)")
+    for dtype in dtypes:
+        if not _holds(dtype.to_real() if dtype.is_complex else dtype, out_dtype):
+            return f"the stock code rounds to {dtype} before its {out_dtype} result"
     return None
 
 

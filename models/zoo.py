@@ -11,8 +11,11 @@ Forms (issue 12's classes): ``bshd`` RMSNorm per head then RoPE on ``[B, S, H, D
 ``cat([text, image], seq)``, then RoPE of the concatenation; ``C`` the rotation in
 ``[B, H, S, D]`` layout (a transpose before or after the norm); ``D`` 2x2 rotation-matrix
 tables; ``E`` float64/complex128 tables or q/k upcast to float64 for the rotation;
-``hidden`` the norm across heads (Wan); ``partial_seq`` only some tokens rotated (text tokens
-passed through). ``none``: no QK-norm + RoPE (a negative control).
+``hidden`` the norm across heads (Wan); ``complex`` a complex multiply; ``per_stream`` text and
+image streams rotated each with its own tables, then concatenated; ``partial_seq`` only some
+tokens rotated (text tokens passed through); ``graph_break`` Dynamo breaks the graph between the
+norm and the rotation; ``layer_norm`` / ``no_norm``: LayerNorm or no norm on q and k (RoPE only).
+``none``: no QK-norm + RoPE (a negative control).
 """
 from __future__ import annotations
 
@@ -233,18 +236,18 @@ ZOO: dict[str, Entry] = {
     "chroma": Entry(chroma, ("A", "B")),
     "flux2": Entry(flux2, ("A", "B")),
     "hunyuan_video": Entry(hunyuan_video, ("A", "partial_seq", "B")),
-    "qwenimage": Entry(qwenimage, ("complex", "B")),
+    "qwenimage": Entry(qwenimage, ("complex", "per_stream")),
     "ltx": Entry(ltx, ("hidden", "A")),
-    "cogvideox": Entry(cogvideox, ("C", "A")),
-    "mochi": Entry(mochi, ("bshd",)),
-    "lumina2": Entry(lumina2, ("complex",)),
+    "cogvideox": Entry(cogvideox, ("C", "A", "partial_seq")),
+    "mochi": Entry(mochi, ("bshd", "graph_break")),
+    "lumina2": Entry(lumina2, ("complex", "E")),
     "hidream": Entry(hidream, ("D",)),
     "wan": Entry(wan, ("hidden",)),
     "skyreels_v2": Entry(skyreels_v2, ("hidden",)),
     "cosmos": Entry(cosmos, ("C",)),
-    "cogview4": Entry(cogview4, ("C",)),
-    "hunyuan_dit": Entry(hunyuan_dit, ("C", "A")),
-    "allegro": Entry(allegro, ("C",)),
+    "cogview4": Entry(cogview4, ("C", "partial_seq")),
+    "hunyuan_dit": Entry(hunyuan_dit, ("C", "A", "layer_norm")),
+    "allegro": Entry(allegro, ("C", "no_norm")),
     "sd3": Entry(sd3, ("none",)),
     "pixart": Entry(pixart, ("none",)),
     "sana": Entry(sana, ("none",)),

@@ -241,3 +241,36 @@ def test_class_b_near_miss_cat_of_a_normed_and_a_raw_segment():
 
     angle = rand(1, 9, 1, 16, seed=7) * 3
     check(front, joint_args(1, 4, 5, 2, 2, 16) + (angle.cos(), angle.sin()), fires=0)
+
+
+# --- Class E: float64 / complex128 tables, q/k in float64 -------------------------------------------
+# The op computes in float32; the stock code rotates in float64 (and rounds once from there): not the same
+# values, so the pass declines, quietly (strict mode: a raising pass would fail the compile), saying why.
+
+
+def rope_complex(x, freqs):
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
+
+
+def class_e_cases():
+    q, k, wq, wk = bshd_args(1, 5, 2, 2, 8, torch.float32)
+    angle = rand(1, 5, 1, 8, seed=5).double() * 3
+    per_head = lambda rope: lambda q, k, wq, wk, *t: (rope(norm(q, wq), *t), rope(norm(k, wk), *t))  # noqa: E731
+    type_as = lambda rope: lambda x, *t: rope(x, *t).type_as(x)  # noqa: E731
+    freqs = torch.polar(torch.ones(1, 5, 1, 4, dtype=torch.float64), angle[..., :4])
+    return {
+        "float64 tables": (per_head(rope_neox), (q, k, wq, wk, angle.cos(), angle.sin())),
+        "float64 tables, .type_as(x)": (per_head(type_as(rope_neox)), (q, k, wq, wk, angle.cos(), angle.sin())),
+        "float64 q/k": (per_head(rope_neox), (q.double(), k.double(), wq.double(), wk.double(), angle.cos(),
+                                              angle.sin())),
+        "complex128 freqs (Lumina2)": (per_head(rope_complex), (q, k, wq, wk, freqs)),
+    }
+
+
+@pytest.mark.parametrize("name", list(class_e_cases()))
+def test_class_e_float64_declines_quietly(name):
+    fn, args = class_e_cases()[name]
+    result = check(fn, args, fires=0)
+    reasons = [d.reason for d in result.report.declines if d.pass_name == "qk_norm_rope"]
+    assert reasons and all("float64" in r or "complex128" in r for r in reasons), reasons
