@@ -27,7 +27,13 @@ How it matches (around the math, not one model's source):
    compared with the kernel's rotation formula for each layout the tables'
    length admits. All ops allowed in the region are polynomial, so agreement
    at random points proves the identity (Schwartz-Zippel); two draws are used.
-3. q and k sites that read the same tables the same way are paired and
+3. The heads are the lead dim the tables broadcast over: [B, S, H, D], or
+   [B, H, S, D] after a transpose before or after the norm (the op runs on a
+   permuted view, its outputs permuted back).
+4. Joint attention: normed segments concatenated along the tokens, then
+   rotated, are fused per segment (one call each, its rows of the tables),
+   the outputs concatenated as stock concatenated the normed segments.
+5. q and k sites that read the same tables the same way are paired and
    replaced by one call.
 
 Preconditions (else no rewrite):
@@ -42,6 +48,9 @@ Preconditions (else no rewrite):
   rotated width (rope_dim or rope_dim / 2 entries).
 - The q and k sites read the same table tensors and get the same layout, and
   the fused call can be placed before every consumer of both outputs.
+- The stock result has the strides the op's (permuted) outputs get; the
+  rotation's roundings are the op's (no float64 math, no rounding narrower
+  than the result's dtype).
 - The tensors live on a device with a fast kernel (option ``devices``, default
   CUDA only: on CPU Inductor's own fused code beats the op's reference).
 """

@@ -73,9 +73,10 @@ NOT_FUSED: list[tuple[str, Callable[["Case"], bool]]] = [
     # What the fused op cannot compute (it declines, by design: docs/passes.md)
     ("eager rounds to a dtype coarser than its result's before the exit (a rounding the program asks for)",
      lambda c: _EPS[lowest_rounding(c)] > _EPS[rotated_dtype(c)]),
-    ("float16 math with a bfloat16 result (float16 does not hold bfloat16's range: eager's fp16 rounding "
+    ("float16 math or a float16 round trip with a bfloat16 result (float16 does not hold bfloat16's range: eager's fp16 rounding "
      "is part of what it computes)",
-     lambda c: c.dtype == "float16" and rotated_dtype(c) == torch.bfloat16),
+     lambda c: (c.dtype == "float16" or c.round_trip != "none" and c.round_trip_dtype == "float16")
+     and rotated_dtype(c) == torch.bfloat16),
     ("a transposed input whose stock result has another layout (the op writes its input's layout; the pass "
      "declines rather than hand consumers other strides)",
      lambda c: c.layout == "bhsd_input" and not rotated_q(c).transpose(1, 2).is_contiguous()),

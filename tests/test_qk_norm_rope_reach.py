@@ -274,3 +274,36 @@ def test_class_e_float64_declines_quietly(name):
     result = check(fn, args, fires=0)
     reasons = [d.reason for d in result.report.declines if d.pass_name == "qk_norm_rope"]
     assert reasons and all("float64" in r or "complex128" in r for r in reasons), reasons
+
+
+# --- GPU: the forms through the Triton kernel, Inductor on, at real sizes ---------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["bhsd_before", "bhsd_after", "joint"])
+def test_gpu_forms_against_eager(form):
+    B, H, D = 1, 24, 128
+    dtype = torch.bfloat16
+
+    def cuda(args):
+        return tuple(a.cuda() for a in args)
+
+    if form == "joint":  # Flux double block: 512 text + 4096 image tokens
+        angle = rand(1, 4608, 1, D, seed=7) * 3
+        args = joint_args(B, 512, 4096, H, H, D, dtype) + (angle.cos(), angle.sin())
+        fn, calls = joint(rope_diffusers), 2
+    else:  # Cosmos-like [B, H, S, D] rotation, fp32 tables [1, 1, S, D]
+        args = bshd_args(B, 4096, H, H, D, dtype) + tables(4096, D)
+        fn = (bhsd_transpose_before_norm if form == "bhsd_before" else bhsd_transpose_after_norm)(rope_neox)
+        calls = 1
+    args = cuda(args)
+    with torch.no_grad():
+        result = trace(fn, *args, options={"inductor": True})
+        want = fn(*args)
+        exact = fn(*(a.double() for a in args))
+    assert result.report.matches("qk_norm_rope") == 1
+    assert count_ops(result.after("qk_norm_rope"))[FUSED] == calls
+    for got, ref, ref64 in zip(result.output, want, exact):
+        torch.testing.assert_close(got, ref, **TOL[dtype])
+        # never less accurate than stock eager against float64
+        assert (got.double() - ref64).abs().max() <= 1.25 * (ref.double() - ref64).abs().max() + 1e-3
