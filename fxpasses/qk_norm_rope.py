@@ -29,7 +29,13 @@ How it matches (around the math, not one model's source):
    compared with the kernel's rotation formula for each layout the tables'
    length admits. All ops allowed in the region are polynomial, so agreement
    at random points proves the identity (Schwartz-Zippel); two draws are used.
-3. q and k sites that read the same tables the same way are paired and
+3. The heads are the lead dim the tables broadcast over: [B, S, H, D], or
+   [B, H, S, D] after a transpose before or after the norm (the op runs on a
+   permuted view, its outputs permuted back).
+4. Joint attention: normed segments concatenated along the tokens, then
+   rotated, are fused per segment (one call each, its rows of the tables),
+   the outputs concatenated as stock concatenated the normed segments.
+5. q and k sites that read the same tables the same way are paired and
    replaced by one call.
 
 Preconditions (else no rewrite):
@@ -44,6 +50,9 @@ Preconditions (else no rewrite):
   rotated width (rope_dim or rope_dim / 2 entries).
 - The q and k sites read the same table tensors and get the same layout, and
   the fused call can be placed before every consumer of both outputs.
+- The stock result has the strides the op's (permuted) outputs get; the
+  rotation's roundings are the op's (no float64 math, no rounding narrower
+  than the result's dtype).
 - The tensors live on a device with a fast kernel (option ``devices``, default
   CUDA only: on CPU Inductor's own fused code beats the op's reference).
 """
@@ -86,13 +95,22 @@ class _Norm:
 class _Site:
     norm: _Norm
     norm_over: str  # "head" | "hidden"
-    x: fx.Node  # the normed tensor as heads, lead + [H, D]
+    x: fx.Node  # the normed tensor as heads: lead dims (tokens and heads, in any order) + [D]
+    path: list[fx.Node]  # the head split and transposes from the norm's output to x (views, in order)
+    head_axes: list[int]  # which of x's lead dims can be the heads (tables broadcast there), best first
     exit: fx.Node
     region: list[fx.Node]
     cos: Any  # table node, or (complex table node, "real")
     sin: Any
     rope_style: str
     rope_dim: int
+    # Joint attention: x is cat([norm outputs], cat_dim), a token dim; segments are those norms, in order.
+    segments: list[_Norm] = dataclasses.field(default_factory=list)
+    cat_dim: int | None = None
+
+    @property
+    def norms(self) -> list[_Norm]:
+        return self.segments or [self.norm]
 
 
 class QKNormRope(GraphPass):
@@ -108,18 +126,22 @@ class QKNormRope(GraphPass):
         position = {node: index for index, node in enumerate(graph.nodes)}
         sites = []
         off_device = set()
+        norms = []
         for node in graph.nodes:
             if node.op == "call_function" and node.target is aten.rsqrt.default:
                 for norm in _match_norms(node):
                     device = fake_value(norm.source).device.type
                     if device not in self.config["devices"]:
                         off_device.add(device)
-                        continue
-                    site = _match_site(norm, position)
-                    if isinstance(site, str):
-                        log.decline(norm.out, site)
-                    elif site is not None:
-                        sites.append(site)
+                    else:
+                        norms.append(norm)
+        norm_of = {norm.out: norm for norm in norms}
+        for norm in norms:
+            site = _match_site(norm, position, norm_of)
+            if isinstance(site, str):
+                log.decline(norm.out, site)
+            elif site is not None:
+                sites.append(site)
         for device in sorted(off_device):
             log.decline(next(iter(graph.nodes)), f"off on {device} (option devices: {list(self.config['devices'])})")
         used: set[int] = set()
@@ -128,9 +150,10 @@ class QKNormRope(GraphPass):
             if i in used:
                 continue
             for j in range(i + 1, len(sites)):
-                if j in used or not _compatible(q, sites[j]):
+                axis = None if j in used else _compatible(q, sites[j])
+                if axis is None:
                     continue
-                reason = _rewrite(graph, q, sites[j], position, log)
+                reason = _rewrite(graph, q, sites[j], axis, position, log)
                 position = {node: index for index, node in enumerate(graph.nodes)}
                 if reason is None:
                     used.update((i, j))
@@ -282,13 +305,17 @@ def _norm_tails(out: fx.Node, weight: fx.Node | None, chain: list[fx.Node], size
 # --- the rotation ----------------------------------------------------------------
 
 
-def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None:
+def _match_site(norm: _Norm, position: dict[fx.Node, int], norm_of: dict[fx.Node, _Norm]) -> _Site | str | None:
     """The rotation that follows ``norm``, trying the norm as across-heads first, then per head, from the
-    latest exit back. A rotation whose roundings the op cannot reproduce gives the reason (a str)."""
+    latest exit back. A rotation whose roundings the op cannot reproduce gives the reason (a str).
+    ``norm_of``: every norm found, by output (the segments of a joint-attention cat)."""
     kept = None
     out_val = fake_value(norm.out)
     users = list(norm.out.users)
-    candidates = []
+    joint = _joint_cat(norm, norm_of)
+    if joint is not None:
+        return _match_joint(norm, joint, norm_of, position)
+    candidates = []  # (x, norm_over, path, head axis of x when the path fixes it)
     if len(users) == 1 and users[0].target in _VIEWS:
         # Across heads: a view splits the normed [..., H*D] into [..., H, D].
         view_val = fake_value(users[0])
@@ -297,9 +324,16 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None
             and _same_shape(view_val.shape[:-2], out_val.shape[:-1])
             and _same(view_val.shape[-2] * view_val.shape[-1], norm.size)
         ):
-            candidates.append((users[0], "hidden"))
-    candidates.append((norm.out, "head"))
-    for x, norm_over in candidates:
+            candidates.append((users[0], "hidden", [users[0]], view_val.dim() - 2))
+    candidates.append((norm.out, "head", [], None))
+    for x, norm_over, path, head_axis in list(candidates):
+        # The rotation in another layout ([B, H, S, D]): a transpose of the token and head dims after the norm.
+        transposed = _lead_transpose(x)
+        if transposed is not None:
+            dims = transposed.args[1]
+            axis = None if head_axis is None else [d % len(dims) for d in dims].index(head_axis)
+            candidates.append((transposed, norm_over, path + [transposed], axis))
+    for x, norm_over, path, head_axis in candidates:
         x_val = fake_value(x)
         if x_val.dim() not in (3, 4):
             continue
@@ -311,12 +345,74 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None
                 continue
             members = [n for n in region if position[n] <= position[exit_node]]
             with compat.unset_fake_temporarily():  # rows are real tensors, whatever mode compiles the graph
-                layout = _identify_rotation(x, exit_node, members, lead_rank, position)
+                layout = _identify_rotation(x, exit_node, members, lead_rank, position, head_axis)
             if layout is not None:
                 kept = _rounding_kept(norm.nodes + members, exit_val.dtype)
                 if kept is None:
-                    return _Site(norm, norm_over, x, exit_node, members, *layout)
+                    *rotation, axes = layout
+                    return _Site(norm, norm_over, x, path, axes, exit_node, members, *rotation)
     return kept
+
+
+def _joint_cat(norm: _Norm, norm_of: dict[fx.Node, _Norm]) -> fx.Node | None:
+    """The ``cat`` along a token dim that is the only user of ``norm`` and of the other norms it joins
+    (joint attention: cat([text, image], seq) of normed heads), if there is one."""
+    users = list(norm.out.users)
+    if len(users) != 1 or users[0].target is not aten.cat.default:
+        return None
+    cat = users[0]
+    rank = fake_value(cat).dim()
+    dim = (cat.args[1] if len(cat.args) > 1 else 0) % rank
+    parts = cat.args[0]
+    if dim >= rank - 2 or len(parts) < 2 or len(set(parts)) != len(parts):
+        return None  # along heads or channels: not joint attention
+    if not all(part in norm_of and len(part.users) == 1 for part in parts):
+        return None
+    if any(_concrete(fake_value(part).shape[dim]) is None for part in parts):
+        return None  # segment lengths slice the tables: known at compile time
+    return cat
+
+
+def _match_joint(norm: _Norm, cat: fx.Node, norm_of: dict[fx.Node, _Norm], position) -> _Site | str | None:
+    """The rotation of cat([normed segments], seq): found once, from the cat's first segment."""
+    if cat.args[0][0] is not norm.out:
+        return None
+    segments = [norm_of[part] for part in cat.args[0]]
+    x_val = fake_value(cat)
+    if x_val.dim() not in (3, 4):
+        return None
+    cat_dim = (cat.args[1] if len(cat.args) > 1 else 0) % x_val.dim()
+    lead_rank = x_val.dim() - 1
+    region, exits = _grow_region(cat, position)
+    kept = None
+    for exit_node in reversed(exits):
+        exit_val = fake_value(exit_node)
+        if not isinstance(exit_val, torch.Tensor) or not _same_shape(exit_val.shape, x_val.shape):
+            continue
+        members = [n for n in region if position[n] <= position[exit_node]]
+        with compat.unset_fake_temporarily():
+            layout = _identify_rotation(cat, exit_node, members, lead_rank, position, None)
+        if layout is None:
+            continue
+        *rotation, axes = layout
+        axes = [axis for axis in axes if axis != cat_dim]
+        if not axes:
+            continue
+        kept = _rounding_kept([n for seg in segments for n in seg.nodes] + members, exit_val.dtype)
+        if kept is None:
+            return _Site(norm, "head", cat, [], axes, exit_node, members, *rotation, segments=segments,
+                         cat_dim=cat_dim)
+    return kept
+
+
+def _lead_transpose(node: fx.Node) -> fx.Node | None:
+    """The only user of ``node`` if it is a permute of its lead dims (channels stay last), else None."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].target is not aten.permute.default:
+        return None
+    rank = fake_value(node).dim()
+    dims = [d % rank for d in users[0].args[1]]
+    return users[0] if dims[-1] == rank - 1 and dims != list(range(rank)) else None
 
 
 _REGION_OPS = {
@@ -363,8 +459,11 @@ def _grow_region(x: fx.Node, position: dict[fx.Node, int]) -> tuple[list[fx.Node
     return region, exits
 
 
-def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], lead_rank: int, position):
-    """(cos, sin, style, rope_dim) if the region from x to exit_node is a rotation, else None."""
+def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], lead_rank: int, position,
+                       head_axis: int | None):
+    """(cos, sin, style, rope_dim, head axis) if the region from x to exit_node is a rotation, else None.
+    ``head_axis``: which lead dim of x is the heads, where the graph says so (the head split of an
+    across-heads norm); else any lead dim that the tables broadcast over."""
     member_set = set(members)
     x_val = fake_value(x)
     head_dim = _concrete(x_val.shape[-1])
@@ -383,9 +482,15 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
     tables = []
     for leaf in relevant:
         val = fake_value(leaf)
-        if not isinstance(val, torch.Tensor) or not _broadcasts_over_heads(val, x_val, lead_rank):
+        if not isinstance(val, torch.Tensor):
             return None
         tables.append(leaf)
+    axes = [_head_axes(fake_value(t), x_val, lead_rank) for t in tables]
+    common = [axis for axis in axes[0] if all(axis in a for a in axes)] if axes else []
+    if head_axis is not None:
+        common = [axis for axis in common if axis == head_axis]
+    if not common:
+        return None  # the tables vary along every lead dim: per head
     if len(tables) == 1 and fake_value(tables[0]).is_complex():
         length = _concrete(fake_value(tables[0]).shape[-1]) or 0
         candidates = [((tables[0], 0), (tables[0], 1), style, 2 * length) for style in ("interleaved", "neox")]
@@ -406,7 +511,7 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
     candidates = [c for c in candidates if 0 < c[3] <= head_dim and c[3] % 2 == 0]
     for cos, sin, style, rope_dim in candidates:
         if all(_agrees(x, exit_node, members, lead_rank, cos, sin, style, rope_dim, seed) for seed in (1, 2)):
-            return cos, sin, style, rope_dim
+            return cos, sin, style, rope_dim, common
     return None
 
 
@@ -424,14 +529,18 @@ def _derived_from(node: fx.Node, x: fx.Node, position: dict[fx.Node, int]) -> bo
     return False
 
 
-def _broadcasts_over_heads(table: torch.Tensor, x: torch.Tensor, lead_rank: int) -> bool:
-    # Right-aligned with x's lead + [L]: size 1 at the head dim, 1 or x's size at token dims.
+def _head_axes(table: torch.Tensor, x: torch.Tensor, lead_rank: int) -> list[int]:
+    """The lead dims of x that can be the heads for this table: right-aligned with x's lead + [L], it has
+    size 1 there and size 1 or x's size at the other (token) dims. Heads are where models put them: [..., S, H, D]
+    first, then [B, H, S, D] or [H, S, D]; never the batch dim of [B, ...] (tables that vary along both other
+    dims vary per head)."""
     lead = list(table.shape[:-1])
     x_lead = list(x.shape[:lead_rank])
-    if len(lead) > len(x_lead):
-        return False
+    if len(lead) > len(x_lead) or not all(_same(t, 1) or _same(t, s) for t, s in zip(lead[::-1], x_lead[::-1])):
+        return []
     lead = [1] * (len(x_lead) - len(lead)) + lead
-    return _same(lead[-1], 1) and all(_same(t, 1) or _same(t, s) for t, s in zip(lead[:-1], x_lead[:-1]))
+    order = [lead_rank - 1, lead_rank - 2]
+    return [axis for axis in order if _same(lead[axis], 1)]
 
 
 class _NoMatch(Exception):
@@ -617,26 +726,40 @@ def _same_value(a: Any, b: Any, depth: int) -> bool:
     return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and type(a) is type(b) and a == b
 
 
-def _compatible(q: _Site, k: _Site) -> bool:
+def _compatible(q: _Site, k: _Site) -> int | None:
+    """The head axis (of both) with which q and k make one call, or None."""
     qv, kv = fake_value(q.x), fake_value(k.x)
-    return (
+    if not (
         q.norm_over == k.norm_over
         and q.rope_style == k.rope_style
         and q.rope_dim == k.rope_dim
         and _same_table(q.cos, k.cos)
         and _same_table(q.sin, k.sin)
         and qv.dim() == kv.dim()
-        and _same_shape(qv.shape[:-2], kv.shape[:-2])
         and _same(qv.shape[-1], kv.shape[-1])
         and fake_value(q.exit).dtype == fake_value(k.exit).dtype
         and fake_value(q.norm.source).dtype == fake_value(k.norm.source).dtype
-    )
+        and q.cat_dim == k.cat_dim
+        and [_segment_len(n, q.cat_dim) for n in q.norms] == [_segment_len(n, k.cat_dim) for n in k.norms]
+    ):
+        return None
+    for axis in q.head_axes:
+        order = _op_order(qv.dim(), axis)
+        if axis in k.head_axes and _same_shape(qv.permute(order).shape[:-2], kv.permute(order).shape[:-2]):
+            return axis
+    return None
 
 
-def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], log: RewriteLog) -> str | None:
+def _segment_len(norm: _Norm, dim: int | None) -> int | None:
+    """A joint-attention segment's length along the cat (None: not a segment)."""
+    return None if dim is None else _concrete(fake_value(norm.out).shape[dim])
+
+
+def _rewrite(graph: fx.Graph, q: _Site, k: _Site, head_axis: int, position: dict[fx.Node, int],
+             log: RewriteLog) -> str | None:
     """Replace the q and k sites by one fused call; the reason if they are left as they are."""
     out_dtype = fake_value(q.exit).dtype
-    inputs = [q.norm.source, k.norm.source, q.norm.weight, k.norm.weight]
+    inputs = [n for site in (q, k) for norm in site.norms for n in (norm.source, norm.weight)]
     inputs += [spec[0] if isinstance(spec, tuple) else spec for spec in (q.cos, q.sin)]
     inputs = [n for n in inputs if n is not None]
     first_user = min((u for site in (q, k) for u in site.exit.users), key=position.__getitem__)
@@ -647,60 +770,75 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, position: dict[fx.Node, int], 
     inserted: list[fx.Node] = []
     with graph.inserting_before(anchor.next):
         try:
-            fused, outs = _insert_fused(graph, q, k, x_val.dim(), out_dtype, inserted)
+            fused, outs = _insert_fused(graph, q, k, _op_order(x_val.dim(), head_axis), out_dtype, inserted)
         except ValueError as error:  # the op's own argument check: a precondition the match did not prove
             _erase(graph, inserted)
             return str(error)
     for site, out in zip((q, k), outs):
         want, got = fake_value(site.exit), fake_value(out)
-        if not _same_shape(want.stride(), got.stride()):
+        # strides of size-1 dims address nothing
+        if not all(_same(size, 1) or _same(a, b) for size, a, b in zip(want.shape, want.stride(), got.stride())):
             _erase(graph, inserted)
             return f"the stock result has strides {tuple(want.stride())}; the fused op would give {tuple(got.stride())}"
     for site, out in zip((q, k), outs):
         site.exit.replace_all_uses_with(out)
     for site in (q, k):
-        erase_dead(graph, site.region + site.norm.nodes)
+        erase_dead(graph, site.region + site.path + [n for norm in site.norms for n in norm.nodes])
+    joint = f", per segment of a cat of {len(q.norms)}" if q.segments else ""
     log.add(
         q.exit,
-        replaced=f"RMSNorm ({q.norm_over}) + {q.rope_style} RoPE (rope_dim {q.rope_dim}) on q and k",
+        replaced=f"RMSNorm ({q.norm_over}) + {q.rope_style} RoPE (rope_dim {q.rope_dim}) on q and k{joint}",
         by="diffopt.qk_norm_rope",
     )
     return None
 
 
-def _insert_fused(graph, q: _Site, k: _Site, rank: int, out_dtype: torch.dtype, inserted: list[fx.Node]):
-    """Insert the fused call and its outputs in the stock exits' shapes; every new node goes to ``inserted``."""
+def _insert_fused(graph, q: _Site, k: _Site, order: list[int], out_dtype: torch.dtype, inserted: list[fx.Node]):
+    """Insert the fused call and its outputs in the stock exits' shapes; every new node goes to ``inserted``.
+    ``order``: the permutation of the heads tensors' dims into the op's [tokens, heads, channels]."""
 
     def call(target, args, origin, kwargs=None):
         inserted.append(insert_call(graph, target, args, origin, kwargs))
         return inserted[-1]
 
-    q_in = _as_bsHD(q, call)
-    k_in = _as_bsHD(k, call)
-    cos = _table_as_bs1L(q.cos, rank - 1, q.exit, call)
-    sin = _table_as_bs1L(q.sin, rank - 1, q.exit, call)
-    q_w = _weight_1d(q.norm, q.exit, call)
-    k_w = _weight_1d(k.norm, k.exit, call)
-    fused = call(
-        torch.ops.diffopt.qk_norm_rope.default,
-        (q_in, k_in, q_w, k_w, cos, sin, None),
-        q.exit,
-        {
-            "norm_over": q.norm_over,
-            "rope_style": q.rope_style,
-            "rope_dim": q.rope_dim,
-            "q_eps": q.norm.eps,
-            "k_eps": k.norm.eps,
-            "out_dtype": out_dtype,
-        },
-    )
-    outs = []
-    for index, site in enumerate((q, k)):
-        out = call(operator.getitem, (fused, index), site.exit)
-        if rank == 3:
-            out = call(aten.squeeze.dim, (out, 0), site.exit)
-        outs.append(out)
-    return fused, outs
+    rank = len(order)
+    # One call per joint-attention segment (q's i-th with k's i-th, the tables' rows of that segment), the
+    # outputs concatenated as the stock code concatenated the normed segments; else one call.
+    per_segment = [[], []]
+    start = 0
+    for q_norm, k_norm in zip(q.norms, k.norms):
+        rows = None
+        if q.cat_dim is not None:
+            length = fake_value(q_norm.out).shape[q.cat_dim]
+            rows = (q.cat_dim, start, start + length)
+            start = start + length
+        q_in = _as_bsHD(q_norm, q, order, call)
+        k_in = _as_bsHD(k_norm, k, order, call)
+        cos = _table_as_bs1L(q.cos, order, rows, q.exit, call)
+        sin = _table_as_bs1L(q.sin, order, rows, q.exit, call)
+        fused = call(
+            torch.ops.diffopt.qk_norm_rope.default,
+            (q_in, k_in, _weight_1d(q_norm, q.exit, call), _weight_1d(k_norm, k.exit, call), cos, sin, None),
+            q.exit,
+            {
+                "norm_over": q.norm_over,
+                "rope_style": q.rope_style,
+                "rope_dim": q.rope_dim,
+                "q_eps": q_norm.eps,
+                "k_eps": k_norm.eps,
+                "out_dtype": out_dtype,
+            },
+        )
+        for index, site in enumerate((q, k)):
+            out = call(operator.getitem, (fused, index), site.exit)
+            if rank == 3:
+                out = call(aten.squeeze.dim, (out, 0), site.exit)
+            if order != list(range(rank)):  # back to the stock layout ([B, H, S, D])
+                out = call(aten.permute.default, (out, [order.index(d) for d in range(rank)]), site.exit)
+            per_segment[index].append(out)
+    if q.cat_dim is None:
+        return fused, [outs[0] for outs in per_segment]
+    return fused, [call(aten.cat.default, (outs, q.cat_dim), site.exit) for outs, site in zip(per_segment, (q, k))]
 
 
 def _erase(graph: fx.Graph, nodes: list[fx.Node]) -> None:
@@ -723,18 +861,22 @@ def _rounding_kept(nodes: list[fx.Node], out_dtype: torch.dtype) -> str | None:
     rounding (and closer to the exact value). A rounding to a narrower dtype (``.to(bfloat16).float()`` in
     fp32 code) is part of what the program computes, and float64 math is more than the op's fp32 gives.
     """
-    for node in nodes:
-        values = fake_value(node)
-        for value in values if isinstance(values, (list, tuple)) else [values]:
-            if not isinstance(value, torch.Tensor):
-                continue
-            dtype = value.dtype.to_real() if value.dtype.is_complex else value.dtype
-            if not dtype.is_floating_point:
-                return f"the stock code computes in {value.dtype}"
-            if torch.finfo(dtype).bits > 32:
-                return f"the stock code computes in {value.dtype}; the fused op computes in float32"
-            if not _holds(dtype, out_dtype):
-                return f"the stock code rounds to {value.dtype} before its {out_dtype} result"
+    values = [fake_value(node) for node in nodes]
+    dtypes = [v.dtype for vs in values for v in (vs if isinstance(vs, (list, tuple)) else [vs])
+              if isinstance(v, torch.Tensor)]
+    for dtype in dtypes:
+        real = dtype.to_real() if dtype.is_complex else dtype
+        if not real.is_floating_point:
+            return f"the stock code computes in {dtype}"
+    # float64 first: a float64 rotation of float32 values also "rounds to float32 before its float64 result"
+    wide = next((dtype for dtype in dtypes if torch.finfo(dtype.to_real() if dtype.is_complex else dtype).bits > 32),
+                None)
+    if wide is not None:
+        return (f"the stock code computes in {wide}; the fused op computes in float32 (float64 tables or q/k: "
+                "issue 12 class E)")
+    for dtype in dtypes:
+        if not _holds(dtype.to_real() if dtype.is_complex else dtype, out_dtype):
+            return f"the stock code rounds to {dtype} before its {out_dtype} result"
     return None
 
 
@@ -762,14 +904,20 @@ def _hoist_before(inputs: list[fx.Node], first_user: fx.Node, position: dict[fx.
     return True
 
 
-def _as_bsHD(site: _Site, call) -> fx.Node:
+def _op_order(rank: int, head_axis: int) -> list[int]:
+    """The permutation of a heads tensor's dims into the op's order: tokens (in their order), heads, channels."""
+    return [d for d in range(rank - 1) if d != head_axis] + [head_axis, rank - 1]
+
+
+def _as_bsHD(norm: _Norm, site: _Site, order: list[int], call) -> fx.Node:
     """The norm's input as [B, S, H, D], read in its own dtype (the op computes in fp32 from it)."""
-    x_val = fake_value(site.x)
-    source = site.norm.source
-    if site.norm_over == "hidden":
-        # [..., H*D] -> [..., H, D], with the shape the graph itself uses for the head split
-        source = call(site.x.target, (source, site.x.args[1]), site.exit)
-    if x_val.dim() == 3:  # unbatched tokens [N, H, D] -> [1, N, H, D]
+    source = norm.source
+    for view in site.path:
+        # [..., H*D] -> [..., H, D], and transposes, with the shapes the graph itself uses
+        source = call(view.target, (source, view.args[1]), site.exit)
+    if order != list(range(len(order))):
+        source = call(aten.permute.default, (source, order), site.exit)
+    if len(order) == 3:  # unbatched tokens [N, H, D] -> [1, N, H, D]
         source = call(aten.unsqueeze.default, (source, 0), site.exit)
     return source
 
@@ -781,12 +929,19 @@ def _weight_1d(norm: _Norm, origin: fx.Node, call) -> fx.Node | None:
     return call(aten.reshape.default, (norm.weight, [norm.size]), origin)
 
 
-def _table_as_bs1L(spec: Any, lead_rank: int, origin: fx.Node, call) -> fx.Node:
+def _table_as_bs1L(spec: Any, order: list[int], rows: tuple | None, origin: fx.Node, call) -> fx.Node:
+    """The table as the op takes it; ``rows``: (dim, start, end) of the heads tensor, a joint-attention segment."""
     node, part = spec if isinstance(spec, tuple) else (spec, None)
     if part is not None:
         node = call(aten.view_as_real.default, (node,), origin)
         node = call(aten.select.int, (node, -1, part), origin)
-    # Right-aligned with the heads tensor's [tokens..., H, L]; the kernel wants [B, S, 1, L].
-    for _ in range(4 - fake_value(node).dim()):
+    # Right-aligned with the heads tensor's lead dims + [L], in the op's order; the kernel wants [B, S, 1, L].
+    for _ in range(len(order) - fake_value(node).dim()):
+        node = call(aten.unsqueeze.default, (node, 0), origin)
+    if rows is not None and not _same(fake_value(node).shape[rows[0]], 1):
+        node = call(aten.slice.Tensor, (node, *rows), origin)
+    if order != list(range(len(order))):
+        node = call(aten.permute.default, (node, order), origin)
+    for _ in range(4 - len(order)):
         node = call(aten.unsqueeze.default, (node, 0), origin)
     return node

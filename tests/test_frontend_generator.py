@@ -73,16 +73,19 @@ NOT_FUSED: list[tuple[str, Callable[["Case"], bool]]] = [
     # What the fused op cannot compute (it declines, by design: docs/passes.md)
     ("eager rounds to a dtype coarser than its result's before the exit (a rounding the program asks for)",
      lambda c: _EPS[lowest_rounding(c)] > _EPS[rotated_dtype(c)]),
-    ("float16 math with a bfloat16 result (float16 does not hold bfloat16's range: eager's fp16 rounding "
+    ("float16 math or a float16 round trip with a bfloat16 result (float16 does not hold bfloat16's range: eager's fp16 rounding "
      "is part of what it computes)",
-     lambda c: c.dtype == "float16" and rotated_dtype(c) == torch.bfloat16),
+     lambda c: (c.dtype == "float16" or c.round_trip != "none" and c.round_trip_dtype == "float16")
+     and rotated_dtype(c) == torch.bfloat16),
     ("a transposed input whose stock result has another layout (the op writes its input's layout; the pass "
      "declines rather than hand consumers other strides)",
      lambda c: c.layout == "bhsd_input" and not rotated_q(c).transpose(1, 2).is_contiguous()),
+    ("the rotation in [B, H, S, D] whose stock result is laid out otherwise than its input (partial rotary's "
+     "cat makes it contiguous): the op writes its input's layout",
+     lambda c: c.layout in ROTATED_BHSD and not rotated_q(c).transpose(1, 2).is_contiguous()),
     ("float64 math (the op computes in float32)",
      lambda c: c.dtype == "float64" or (c.table_dtype in ("float64", "complex128") and c.table_cast != "to_x")),
     # Forms the pass does not recognise yet (issue 12)
-    ("the rotation after a transpose to [B, H, S, D]", lambda c: c.layout in ROTATED_BHSD),
     ("half-split stores with per-channel tables (four table slices)",
      lambda c: c.rope == "neox_stores" and c.table_len == "channel"),
     ("dynamic=True: a hand-written norm's eps (a float attribute) becomes a graph input, packed "

@@ -1,0 +1,72 @@
+"""The zoo (issue 12): stock diffusers transformers at tiny configs, random weights, through diffopt.
+
+Each model fires ``qk_norm_rope`` as often as its attention has fusable QK-norm + RoPE sites (``FIRES``:
+rewrites per model, a joint-attention block counting once), negative controls never, and every compiled
+model agrees with eager. ``python scripts/zoo.py`` prints the same check as a table, also for models not
+listed here (``--model module:function``).
+"""
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffopt.models import zoo  # noqa: E402
+
+# Rewrites per model (each fuses q and k of one attention). Where a model has QK-norm + RoPE that is not
+# fused, the comment says why.
+FIRES = {
+    "flux": 2,  # double block (joint: cat of text and image, then RoPE) + single block
+    "chroma": 2,
+    "flux2": 2,
+    "hunyuan_video": 1,  # the single block; the double block rotates the image tokens only (partial_seq)
+    "qwenimage": 2,  # image and text streams, each with its own tables
+    "ltx": 1,  # across-heads norm, per-channel interleaved tables
+    "wan": 1,
+    "skyreels_v2": 1,
+    "cosmos": 1,  # [B, H, S, D] rotation
+    "cogvideox": 0,  # partial_seq: only the image tokens rotate, written in place (q[:, :, text:] = ...)
+    "cogview4": 0,  # the same
+    "hunyuan_dit": 0,  # LayerNorm on q and k, not RMSNorm
+    "allegro": 0,  # no q/k norm
+    "mochi": 0,  # a graph break between the norm and the rotation (data-dependent token selection)
+    "lumina2": 0,  # complex128 freqs: the rotation is float64 (class E declines)
+    "hidream": 0,  # 2x2 rotation matrices (class D) not recognised yet
+    "sd3": 0,  # negative controls: no RoPE
+    "pixart": 0,
+    "sana": 0,
+}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def run(name, dtype=torch.float32, inductor=False):
+    model, kwargs = zoo.ZOO[name].build(torch.Generator().manual_seed(0))
+    return zoo.check(model, kwargs, dtype, inductor)
+
+
+@pytest.mark.parametrize("name", sorted(FIRES))
+def test_zoo_fp32(name):
+    row = run(name)
+    assert not row["raised"], row["raised"]
+    assert row["fired"] == FIRES[name], row["declined"]
+    assert row["error"] <= TOL[torch.float32], row
+
+
+@pytest.mark.parametrize("name", ["flux", "cosmos", "ltx", "qwenimage"])
+def test_zoo_bf16(name):
+    row = run(name, torch.bfloat16)
+    assert row["fired"] == FIRES[name] and row["error"] <= TOL[torch.bfloat16], row
+
+
+@pytest.mark.parametrize("name", ["flux", "cosmos"])
+def test_zoo_inductor(name):
+    row = run(name, inductor=True)
+    assert row["fired"] == FIRES[name] and row["error"] <= TOL[torch.float32], row
+
+
+def test_zoo_covers_the_classes():
+    # at least ten models with the pattern, among them each class that fuses, and negative controls
+    with_pattern = [name for name in FIRES if zoo.ZOO[name].forms != ("none",)]
+    assert len(with_pattern) >= 10
+    fused_forms = {form for name, n in FIRES.items() if n for form in zoo.ZOO[name].forms}
+    assert {"A", "B", "C", "hidden", "complex"} <= fused_forms
+    assert any(zoo.ZOO[name].forms == ("none",) for name in FIRES)
