@@ -359,7 +359,7 @@ def reshaped_dim(before: list[int], after: list[int], dim: int) -> int | None:
 
 def erase_dead(graph: fx.Graph, nodes: Iterable[Any]) -> None:
     """Erase ``nodes`` where nothing uses them any more, and then, transitively, their inputs that this
-    left unused and that are :func:`removable`.
+    left unused and that are :func:`removable` or constants' reads (``get_attr``).
 
     ``nodes`` are what the caller replaced: they go whatever they are (a collective and its wait
     included). Their inputs go only when deleting them changes nothing (an unused random op still
@@ -370,9 +370,9 @@ def erase_dead(graph: fx.Graph, nodes: Iterable[Any]) -> None:
     work = list(replaced)
     while work:
         node = work.pop()
-        if getattr(node, "_erased", False) or node.users or node.op != "call_function":
+        if getattr(node, "_erased", False) or node.users or node.op not in ("call_function", "get_attr"):
             continue
-        if node not in replaced and not removable(node):
+        if node.op == "call_function" and node not in replaced and not removable(node):
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)
@@ -380,9 +380,14 @@ def erase_dead(graph: fx.Graph, nodes: Iterable[Any]) -> None:
 
 
 def eliminate_dead_code(graph: fx.Graph) -> None:
-    """Every unused :func:`removable` call erased (``Graph.eliminate_dead_code``, deciding with
-    :func:`removable` rather than FX's defaults)."""
-    compat.eliminate_dead_code(graph, lambda node: node.op != "call_function" or not removable(node))
+    """Every unused :func:`removable` call and ``get_attr`` erased (``Graph.eliminate_dead_code``,
+    deciding with :func:`removable` rather than FX's defaults)."""
+    compat.eliminate_dead_code(graph, lambda node: not _unused_may_go(node))
+
+
+def _unused_may_go(node: fx.Node) -> bool:
+    """Whether an unused node may be erased: a removable call, or a read of a constant (``get_attr``)."""
+    return node.op == "get_attr" or (node.op == "call_function" and removable(node))
 
 
 def topological_sort(graph: fx.Graph) -> None:
