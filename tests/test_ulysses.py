@@ -28,6 +28,7 @@ from diffopt.models.ulysses import (
     check_heads,
     gather_sequence,
     heads_to_seq,
+    kv_repeats,
     merge_prefixed_sequence,
     merge_sequence,
     seq_to_heads,
@@ -165,10 +166,52 @@ def _layer_checks(rank: int, world: int, seq_len: int) -> None:
         assert schedule(graphs[2]) == "CCWACWACWW"
 
 
+def _kv_replication_checks(rank: int, world: int) -> None:
+    """Fewer kv heads than ranks (2 and 1 over 4): each rank receives the kv head its query heads
+    read; the passes take out the prefix and pack q/k/v as before; pipelining over heads declines
+    (one kv head per rank), over query rows it fires, bitwise."""
+    for kv_heads in (2, 1):
+        config = dataclasses.replace(CONFIG, num_kv_heads=kv_heads, gen_seq_len=14)
+        torch.manual_seed(0)
+        layer = Cosmos3GenLayer(config)
+        hidden, cos, sin, prefix_kv = cosmos3_example_inputs(config)
+        plan = ulysses_plan(config.gen_seq_len, config.num_heads, kv_heads)
+        sp_layer = UlyssesCosmos3GenLayer.from_layer(layer, config, plan)
+        args = (shard_sequence(hidden, plan), shard_sequence(cos, plan), shard_sequence(sin, plan), *prefix_kv[0])
+        with torch.no_grad():
+            expected = layer(hidden, cos, sin, *prefix_kv[0])
+            torch.testing.assert_close(gather_sequence(sp_layer(*args), plan), expected)
+            result = trace(sp_layer, *args, options=DECLARED)
+        torch.testing.assert_close(gather_sequence(result.output, plan), expected)
+        stock, final = result.before("ulysses_prefix"), result.after("batch_all_to_all")
+        assert result.report.matches("ulysses_prefix") == 2 and result.report.matches("batch_all_to_all") == 1
+        assert [count_ops(g)[A2A] for g in (stock, final)] == [4, 2]
+        # K/V go out as P heads (each kv head world / kv_heads times), one per rank.
+        B, P, D, H, shard = 1, config.prefix_len, config.head_dim, config.num_heads, plan.shard_len
+        share = (world - 1) / world
+
+        def wire(prefix: int) -> int:
+            return int(4 * share * B * D * (shard * H + 2 * (prefix + shard) * world + shard * H))
+
+        assert bytes_sent(stock, world) == wire(P) and bytes_sent(final, world) == wire(0)
+
+        heads_options = {"passes": {**DECLARED["passes"], "pipeline_heads": {"chunks": 2}}}
+        with torch.no_grad():
+            result = trace(sp_layer, *args, options=heads_options)
+        assert result.report.matches("pipeline_heads") == 0
+        assert any("1 key/value head(s) per rank" in d.reason for d in result.report.declines if d.pass_name == "pipeline_heads")
+        rows_options = {"passes": {**DECLARED["passes"], "pipeline_heads": {"chunks": 2, "split": "queries"}}}
+        with torch.no_grad():
+            pipelined = trace(sp_layer, *args, options=rows_options)
+        assert pipelined.report.matches("pipeline_heads") == 1
+        assert torch.equal(pipelined.output, result.output)  # bitwise the unpipelined graph's output
+        assert count_ops(pipelined.after("pipeline_heads"))[A2A] == 2 + 2 * 2  # k, v whole; q, output per chunk
+
+
 def _setup_checks(rank: int, world: int) -> None:
-    # A world size that does not divide the heads fails at setup, naming the problem.
-    with pytest.raises(ValueError, match=f"key/value head count to be a multiple of {world}, got {world - 1}"):
-        ulysses_plan(16, num_heads=8, num_kv_heads=world - 1)
+    # A world size that does not divide the heads (nor, for kv heads, is a multiple) fails at setup.
+    with pytest.raises(ValueError, match=f"key/value head count to be a multiple or a divisor of {world}, got 3"):
+        ulysses_plan(16, num_heads=12, num_kv_heads=3)
     with pytest.raises(ValueError, match="query head count"):
         config = dataclasses.replace(CONFIG, num_heads=3 * world // 2, num_kv_heads=world // 2)
         UlyssesCosmos3GenLayer(config, ulysses_plan(16, 8, 4))
@@ -205,6 +248,8 @@ def _inductor_checks(rank: int, world: int, seq_len: int) -> None:
 def _layer_and_setup_checks(rank: int, world: int, seq_len: int, inductor: bool) -> None:
     _layer_checks(rank, world, seq_len)
     _setup_checks(rank, world)
+    if world == 4:
+        _kv_replication_checks(rank, world)
     if inductor:
         _inductor_checks(rank, world, seq_len)
 
@@ -481,12 +526,14 @@ def _near_miss_and_batching(rank: int, world: int) -> None:
 
 def test_head_check_and_padding_plan():
     check_heads(8, 4, 4)
+    check_heads(8, 2, 4)  # fewer kv heads than ranks: replicated
+    assert (kv_repeats(4, 4), kv_repeats(2, 4), kv_repeats(1, 4), kv_repeats(8, 4)) == (1, 2, 4, 1)
     with pytest.raises(ValueError, match="Ulysses over 3 ranks needs the query head count"):
         check_heads(8, 4, 3)
     plan = UlyssesPlan(group=None, world_size=4, rank=3, seq_len=14)
     assert (plan.padded_len, plan.shard_len, plan.padding) == (16, 4, 2)
     with pytest.raises(ValueError, match="key/value head count"):
-        UlyssesCosmos3GenLayer(dataclasses.replace(CONFIG, num_kv_heads=2), plan)
+        UlyssesCosmos3GenLayer(dataclasses.replace(CONFIG, num_heads=12, num_kv_heads=3), plan)
 
 
 def test_ulysses_prefix_options():
