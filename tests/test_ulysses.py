@@ -453,6 +453,8 @@ def _pipeline_checks(rank: int, world: int) -> None:
 
     assert pipelined(local, q, k, v).report.matches("pipeline_heads") == 0
 
+    _query_chunk_checks(rank, world, q, k, v)
+
     # diffusers' 1-D buffers: the all-to-all goes back to the buffer's shape when its dim 0
     # splits into whole row blocks per rank, not otherwise.
     def flattened(x):
@@ -462,6 +464,82 @@ def _pipeline_checks(rank: int, world: int) -> None:
     for rows, expected in ((2 * world, 1), (3, 0)):
         x = torch.randn(rows, 4, generator=g) + rank
         assert pipelined(flattened, x).report.matches("unflatten_all_to_all") == expected
+
+
+def _query_chunk_checks(rank: int, world: int, q, k, v) -> None:
+    """``pipeline_heads`` with ``split="queries"``: chunks of the local query rows, K/V whole."""
+
+    def rows(chunks):
+        return {"passes": {"pipeline_heads": {"chunks": chunks, "split": "queries"}}}
+
+    def compiled(fn, *args, options):
+        with torch.no_grad():
+            expected = fn(*args)
+            stock = trace(fn, *args)  # the same passes without the pipeline
+            result = trace(fn, *args, options=options)
+        torch.testing.assert_close(result.output, expected)
+        assert torch.equal(result.output, stock.output)  # bitwise: each chunk computes its rows' stock values
+        return result
+
+    def declined(result) -> list[str]:
+        assert result.report.matches("pipeline_heads") == 0
+        return [d.reason for d in result.report.declines if d.pass_name == "pipeline_heads"]
+
+    def attention(q, k, v):
+        return ulysses_attention(q, k, v, world)
+
+    # 6 local rows in 3 chunks of 2 (GQA, 2 kv heads per rank, not split): k and v whole first,
+    # then per chunk q's all-to-all, attention, the output's all-to-all. Chunk c + 1's q is
+    # sent before chunk c's attention; chunk 0's q is packed with k and v, the others alone.
+    result = compiled(attention, q, k, v, options=rows(3))
+    [rewrite] = [r for r in result.report.rewrites if r.pass_name == "pipeline_heads"]
+    assert rewrite.by.startswith("3 chunks of 4 query rows"), rewrite.by  # 12 rows = 2 ranks x 6
+    before, after = result.before("pipeline_heads"), result.after("pipeline_heads")
+    assert (count_ops(before)[A2A], count_ops(after)[A2A]) == (4, 2 + 2 * 3)
+    assert bytes_sent(before, world) == bytes_sent(after, world)
+    assert schedule(result.after("batch_all_to_all")) == "CWCACCWACWACWWW"
+    # Inductor keeps that order in its generated code.
+    with torch.no_grad():
+        result, [code] = run_and_get_code(trace, attention, q, k, v, options={**rows(3), "inductor": True})
+    torch.testing.assert_close(result.output, attention(q, k, v))
+    assert code_schedule(code) == "CWCACCWACWACWWW", code_schedule(code)
+    # As many chunks as divide the local rows: 6 rows, at most 4 chunks -> 3.
+    [rewrite] = [r for r in compiled(attention, q, k, v, options=rows(4)).report.rewrites if r.pass_name == "pipeline_heads"]
+    assert rewrite.by.startswith("3 chunks"), rewrite.by
+    # One kv head per rank: nothing to split over heads, but query rows still split.
+    assert compiled(attention, q, k[:, :, :world], v[:, :, :world], options=rows(2)).report.matches("pipeline_heads") == 1
+
+    # A mask that broadcasts over the query rows: read whole by every chunk.
+    keys = 6 * world
+    key_mask = torch.rand(1, 1, 1, keys, generator=torch.Generator().manual_seed(5)) > 0.3
+    key_mask[..., 0] = True
+
+    def masked(q, k, v, mask):
+        return ulysses_attention(q, k, v, world, mask=mask)
+
+    assert compiled(masked, q, k, v, key_mask, options=rows(2)).report.matches("pipeline_heads") == 1
+
+    # Near misses. Causal: a row's keys depend on its global position, which chunks reorder.
+    def causal(q, k, v):
+        group = dist.group.WORLD
+        q, k, v = (merge_sequence(seq_to_heads(x, group, world)).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return heads_to_seq(out.transpose(1, 2), group, world)
+
+    assert any("causal" in r for r in declined(compiled(causal, q, k, v, options=rows(2))))
+    # A mask with a row per query couples the rows with their positions: declined.
+    row_mask = torch.rand(1, 1, keys, keys, generator=torch.Generator().manual_seed(6)) > 0.3
+    row_mask[..., 0] = True
+    assert any("query rows" in r for r in declined(compiled(masked, q, k, v, row_mask, options=rows(2))))
+    # Local rows without an equal split (5 rows, at most 4 chunks).
+    assert any("5 query rows per rank" in r for r in declined(compiled(attention, q[:, :5], k[:, :5], v[:, :5], options=rows(4))))
+    # No output all-to-all: the chunks' rows are interleaved across ranks, they cannot be concatenated.
+    def no_output_collective(q, k, v):
+        group = dist.group.WORLD
+        q, k, v = (merge_sequence(seq_to_heads(x, group, world)).transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True) * 2
+
+    assert any("whole chunks" in r for r in declined(compiled(no_output_collective, q, k, v, options=rows(2))))
 
 
 def _diffusers_wan_checks(rank: int, world: int) -> None:
