@@ -56,7 +56,45 @@ Preconditions (else no rewrite):
 Every chunk computes exactly the stock values of its heads (same ops, same order per
 element), so the output is bitwise the stock output.
 
-Opt-in: ``options={"passes": {"pipeline_heads": {"chunks": 2}}}`` (or ``True``). Measured on
+Split along the query rows (option ``split: "queries"``). Attention is also independent per
+query row (every row reads all keys), so the chunks can be this rank's local query rows
+instead, and their number no longer depends on the kv heads (with fewer kv heads than
+ranks, ``models/ulysses.py`` replicates them and each rank holds one). Stock form as above;
+optimized form: K/V go through their all-to-alls whole, first; chunk c is the local rows
+``[c S/(Pn), (c+1) S/(Pn))`` of q::
+
+    k = wait(all_to_all(layout(k))); v = ...                  # whole, as stock
+    send(0)                                                   # q rows of chunk 0 to every rank
+    for c in range(n):
+        send(c + 1)                                           # issued before chunk c's attention
+        o_c = sdpa(to_bhsd(wait(q_c)), k, v)[0]               # [B, H/P, S/n, D]: chunk c's rows of every rank
+        out_c = all_to_all(layout(o_c).contiguous())          # [P, H/P, B, S/(Pn), D], under chunk c + 1
+    o = cat([wait(out_c) for c in range(n)], dim=rows)        # the stock [P, H/P, B, S/P, D]
+
+After the all-to-all a chunk's rows are ``P x S/(Pn)`` (chunk c of every rank), so the
+region's row dim is tracked as ``outer x inner`` through reshapes (Ulysses' ``flatten(0, 1)``
+merges the ranks in as ``outer``; the output's ``reshape(B, P, S/P, ...)`` splits them off
+again), and chunk c holds the rows whose inner index is in the c-th nth of ``inner``.
+Preconditions, besides the ones above (heads and their divisibility aside):
+
+- Not causal (``is_causal``: a row's keys depend on its global position); the mask, if
+  any, broadcasts over the query rows. Only q's rows are chunked: k, v and the mask are
+  read whole by every chunk.
+- Every reshape in the region keeps the row dim whole, merges it (its inner factor then
+  grows by the dims merged after it) or splits it with its last factor a multiple of
+  ``inner``; where the region is entered (the leaves) and left (the exits) the rows are
+  whole (``inner`` is the dim's size: a chunk is a slice, the chunks concatenate), which
+  needs the output all-to-all.
+- ``n`` is the largest number up to ``chunks`` that divides every ``inner`` (the local
+  rows S/P); at least 2.
+
+Each chunk computes its rows' stock values with the same ops (SDPA's kernels tile query
+rows independently; on CPU the output is bitwise the stock output, which the tests check;
+on GPUs a kernel that picks its tiling by the query count could round differently: not
+measured).
+
+Opt-in: ``options={"passes": {"pipeline_heads": {"chunks": 2}}}`` (or ``True``), along the
+query rows ``{"pipeline_heads": {"chunks": 4, "split": "queries"}}`` (unmeasured on GPUs). Measured on
 2 and 4 H200s over NVLink (``docs/ulysses.md``), it moved NCCL time under attention but
 did not make the layer faster (attention slows while sharing the SMs with NCCL, and the
 extra copies cost what was hidden), so it is not on by default.
