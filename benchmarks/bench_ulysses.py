@@ -231,19 +231,19 @@ def compiled(name: str, workload: Workload):
         return torch.compile(model, fullgraph=True), None, None
     if name == "inductor+overlap":
         return torch.compile(model, fullgraph=True, options=OVERLAP), None, None
-    if name.startswith("diffopt-seq") and name[len("diffopt-seq"):].isdigit():
-        rows = {"chunks": int(name[len("diffopt-seq"):]), "split": "queries"}
-        options = {"passes": {**workload.passes, "pipeline_heads": rows}}
-    else:
-        options = None
-    options = options or {
+    presets = {
         "diffopt-noSP": {"passes": {name: False for name in SP_PASSES}},
         "diffopt": {"passes": workload.passes},
         "diffopt-noreorder": {"passes": workload.passes, "inductor_config": NO_REORDER},
         "diffopt-pipelined": {"passes": {**workload.passes, "pipeline_heads": {"chunks": 2}}},
         "diffopt-chunks4": {"passes": {**workload.passes, "pipeline_heads": {"chunks": 4}}},
         "diffopt+inductor-overlap": {"passes": workload.passes, "inductor_config": OVERLAP},
-    }.get(name)
+    }
+    seq_chunks = name.removeprefix("diffopt-seq")
+    if name.startswith("diffopt-seq") and seq_chunks.isdigit():  # --seq-chunks
+        query_rows = {"chunks": int(seq_chunks), "split": "queries"}
+        presets[name] = {"passes": {**workload.passes, "pipeline_heads": query_rows}}
+    options = presets.get(name)
     if options is None:
         raise ValueError(f"unknown configuration {name!r}")
     graphs = {}
