@@ -176,9 +176,9 @@ def _row_dim_forward(source: list[int], out: list[int], dim: int, inner: int) ->
         if len(out_dims) == 1:
             after = source_dims[source_dims.index(dim) + 1:]
             return out_dims[0], inner * math.prod(source[d] for d in after)
-        if len(source_dims) == 1:
-            last = [d for d in out_dims if out[d] != 1][-1]
-            return (last, inner) if out[last] % inner == 0 else None
+        sized = [d for d in out_dims if out[d] != 1]
+        if len(source_dims) == 1 and sized:
+            return (sized[-1], inner) if out[sized[-1]] % inner == 0 else None
     return None
 
 
