@@ -28,6 +28,9 @@ Each run as:
   on for graphs with collectives (``reorder_for_compute_comm_overlap=False``);
 - ``diffopt-pipelined``, ``diffopt-chunks4``: ``diffopt`` plus the opt-in ``pipeline_heads``
   with up to 2 / 4 chunks;
+- ``diffopt-seq<N>`` for each N of ``--seq-chunks`` (e.g. ``--seq-chunks 2,4,8``): ``diffopt``
+  plus ``pipeline_heads`` split along the query rows (``split: "queries"``) into up to N chunks,
+  appended to the configurations run;
 - ``diffopt+inductor-overlap``: ``diffopt`` plus Inductor's overlap scheduling, which runs
   after diffopt's passes (``options={"inductor_config": {...}}``).
 
@@ -228,14 +231,19 @@ def compiled(name: str, workload: Workload):
         return torch.compile(model, fullgraph=True), None, None
     if name == "inductor+overlap":
         return torch.compile(model, fullgraph=True, options=OVERLAP), None, None
-    options = {
+    presets = {
         "diffopt-noSP": {"passes": {name: False for name in SP_PASSES}},
         "diffopt": {"passes": workload.passes},
         "diffopt-noreorder": {"passes": workload.passes, "inductor_config": NO_REORDER},
         "diffopt-pipelined": {"passes": {**workload.passes, "pipeline_heads": {"chunks": 2}}},
         "diffopt-chunks4": {"passes": {**workload.passes, "pipeline_heads": {"chunks": 4}}},
         "diffopt+inductor-overlap": {"passes": workload.passes, "inductor_config": OVERLAP},
-    }.get(name)
+    }
+    seq_chunks = name.removeprefix("diffopt-seq")
+    if name.startswith("diffopt-seq") and seq_chunks.isdigit():  # --seq-chunks
+        query_rows = {"chunks": int(seq_chunks), "split": "queries"}
+        presets[name] = {"passes": {**workload.passes, "pipeline_heads": query_rows}}
+    options = presets.get(name)
     if options is None:
         raise ValueError(f"unknown configuration {name!r}")
     graphs = {}
@@ -381,6 +389,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="wan: transformer blocks")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--configs", default=None, help="comma-separated (default: the model's, see above)")
+    parser.add_argument("--seq-chunks", default="", help="comma-separated chunk counts: adds a diffopt-seq<N> "
+                        "configuration (pipeline_heads split along the query rows) for each")
     parser.add_argument("--top-kernels", type=int, default=0, help="print each configuration's N longest kernels (rank 0)")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = parser.parse_args()
@@ -400,6 +410,7 @@ def main() -> None:
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     stock = None  # (all-to-alls, bytes) of the stock graphs, measured by the diffopt runs
     names = (args.configs or workload.configs).split(",")
+    names += [f"diffopt-seq{int(n)}" for n in args.seq_chunks.split(",") if n.strip()]
     rows = {}
     runs = {}
     with torch.no_grad():

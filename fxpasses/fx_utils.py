@@ -354,6 +354,36 @@ def reshaped_dim(before: list[int], after: list[int], dim: int) -> int | None:
     return None
 
 
+def reshape_groups(before: list[int], after: list[int]) -> list[tuple[list[int], list[int]]] | None:
+    """A reshape from ``before`` to ``after`` as its smallest runs of dims with equal products: each
+    ``(dims of before, dims of after)`` is kept whole (one and one), merged (many into one), split
+    (one into many) or regrouped (many into many). None when the element counts differ."""
+    if math.prod(before) != math.prod(after):
+        return None
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(before) or j < len(after):
+        dims_before, dims_after = [], []
+        size_before = size_after = 1
+        while True:
+            if size_before <= size_after and i < len(before) and (not dims_before or size_before != size_after):
+                size_before *= before[i]
+                dims_before.append(i)
+                i += 1
+            elif j < len(after) and (not dims_after or size_before != size_after):
+                size_after *= after[j]
+                dims_after.append(j)
+                j += 1
+            else:
+                break
+            if dims_before and dims_after and size_before == size_after:
+                break
+        if size_before != size_after:
+            return None
+        groups.append((dims_before, dims_after))
+    return groups
+
+
 # --- graph hygiene ----------------------------------------------------------------------------------------------
 
 

@@ -56,13 +56,52 @@ Preconditions (else no rewrite):
 Every chunk computes exactly the stock values of its heads (same ops, same order per
 element), so the output is bitwise the stock output.
 
-Opt-in: ``options={"passes": {"pipeline_heads": {"chunks": 2}}}`` (or ``True``). Measured on
+Split along the query rows (option ``split: "queries"``). Attention is also independent per
+query row (every row reads all keys), so the chunks can be this rank's local query rows
+instead, and their number no longer depends on the kv heads (with fewer kv heads than
+ranks, ``models/ulysses.py`` replicates them and each rank holds one). Stock form as above;
+optimized form: K/V go through their all-to-alls whole, first; chunk c is the local rows
+``[c S/(Pn), (c+1) S/(Pn))`` of q::
+
+    k = wait(all_to_all(layout(k))); v = ...                  # whole, as stock
+    send(0)                                                   # q rows of chunk 0 to every rank
+    for c in range(n):
+        send(c + 1)                                           # issued before chunk c's attention
+        o_c = sdpa(to_bhsd(wait(q_c)), k, v)[0]               # [B, H/P, S/n, D]: chunk c's rows of every rank
+        out_c = all_to_all(layout(o_c).contiguous())          # [P, H/P, B, S/(Pn), D], under chunk c + 1
+    o = cat([wait(out_c) for c in range(n)], dim=rows)        # the stock [P, H/P, B, S/P, D]
+
+After the all-to-all a chunk's rows are ``P x S/(Pn)`` (chunk c of every rank), so the
+region's row dim is tracked as ``outer x inner`` through reshapes (Ulysses' ``flatten(0, 1)``
+merges the ranks in as ``outer``; the output's ``reshape(B, P, S/P, ...)`` splits them off
+again), and chunk c holds the rows whose inner index is in the c-th nth of ``inner``.
+Preconditions, besides the ones above (heads and their divisibility aside):
+
+- Not causal (``is_causal``: a row's keys depend on its global position); the mask, if
+  any, broadcasts over the query rows. Only q's rows are chunked: k, v and the mask are
+  read whole by every chunk.
+- Every reshape in the region keeps the row dim whole, merges it (its inner factor then
+  grows by the dims merged after it) or splits it with its last factor a multiple of
+  ``inner``; where the region is entered (the leaves) and left (the exits) the rows are
+  whole (``inner`` is the dim's size: a chunk is a slice, the chunks concatenate), which
+  needs the output all-to-all.
+- ``n`` is the largest number up to ``chunks`` that divides every ``inner`` (the local
+  rows S/P); at least 2.
+
+Each chunk computes its rows' stock values with the same ops (SDPA's kernels tile query
+rows independently; on CPU the output is bitwise the stock output, which the tests check;
+on GPUs a kernel that picks its tiling by the query count could round differently: not
+measured).
+
+Opt-in: ``options={"passes": {"pipeline_heads": {"chunks": 2}}}`` (or ``True``), along the
+query rows ``{"pipeline_heads": {"chunks": 4, "split": "queries"}}`` (unmeasured on GPUs). Measured on
 2 and 4 H200s over NVLink (``docs/ulysses.md``), it moved NCCL time under attention but
 did not make the layer faster (attention slows while sharing the SMs with NCCL, and the
 extra copies cost what was hidden), so it is not on by default.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -72,10 +111,11 @@ import torch.fx as fx
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
 from .collectives import A2A, ATTENTION_ARGS, WAIT
-from .fx_utils import RESHAPES, concrete_shape, erase_dead, insert_call, reshaped_dim
+from .fx_utils import RESHAPES, call_arguments, concrete_shape, erase_dead, insert_call, reshape_groups, reshaped_dim
 
 aten = torch.ops.aten
 _SAME_SHAPE = (aten.clone.default, aten._to_copy.default, aten.alias.default, WAIT)
+_SPLITS = ("heads", "queries")
 
 
 class PipelineHeads(GraphPass):
@@ -84,25 +124,68 @@ class PipelineHeads(GraphPass):
     # follows the heads through collectives on the buffer's own shape (unflatten_all_to_all's result)
     after = ("ulysses_prefix", "unflatten_all_to_all")
     needs_collectives = True
-    defaults = {"chunks": 2}
+    defaults = {"chunks": 2, "split": "heads"}
     # On 2 and 4 H200s over NVLink it hid communication but did not make layers faster
     # (docs/ulysses.md); it is for links where the all-to-alls take a larger share.
     on_by_default = False
 
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        if self.config["split"] not in _SPLITS:
+            raise ValueError(f"diffopt: pipeline_heads split must be one of {_SPLITS}, got {self.config['split']!r}")
+
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         for node in list(graph.nodes):
             if node.op == "call_function" and node.target in ATTENTION_ARGS:
-                region = _find_region(node, self.config["chunks"])
-                if region is not None:
+                region = _find_region(node, self.config["chunks"], rows=self.config["split"] == "queries")
+                if isinstance(region, str):
+                    log.decline(node, region)
+                else:
                     _emit(graph, node, region, log)
 
 
 # --- which dim holds the heads, through one op --------------------------------------------
 
 
-def _inputs_backward(node: fx.Node, dim: int) -> list[tuple[fx.Node, int | None]] | None:
+def _row_dim_backward(out: list[int], source: list[int], dim: int) -> int | None:
+    """Query rows: the dim of a reshape's ``source`` that holds ``out``'s row dim ``dim`` when the
+    reshape merges or splits it: the innermost factor of a merge (Ulysses' ``flatten(0, 1)`` of
+    ``[P, S/P, ...]``: the local rows), the dim a split's last factor came from."""
+    for source_dims, out_dims in reshape_groups(source, out) or []:
+        if dim not in out_dims:
+            continue
+        sized = [d for d in source_dims if source[d] != 1]
+        if len(out_dims) == 1 and sized:
+            return sized[-1]
+        if len(source_dims) == 1 and [d for d in out_dims if out[d] != 1][-1:] == [dim]:
+            return source_dims[0]
+    return None
+
+
+def _row_dim_forward(source: list[int], out: list[int], dim: int, inner: int) -> tuple[int, int] | None:
+    """Query rows: where a reshape puts the row dim ``dim`` of ``source`` and its inner factor.
+
+    A row dim is ``outer x inner`` rows, and chunk c holds the rows whose inner index lies in the
+    c-th nth of ``inner`` (all outer ones). Kept whole or merged with dims before it (which
+    become outer) it keeps ``inner``; merged with dims after it, ``inner`` takes them in; split,
+    its last factor holds ``inner`` when that factor is a multiple of it. Anything else: None.
+    """
+    for source_dims, out_dims in reshape_groups(source, out) or []:
+        if dim not in source_dims:
+            continue
+        if len(out_dims) == 1:
+            after = source_dims[source_dims.index(dim) + 1:]
+            return out_dims[0], inner * math.prod(source[d] for d in after)
+        sized = [d for d in out_dims if out[d] != 1]
+        if len(source_dims) == 1 and sized:
+            return (sized[-1], inner) if out[sized[-1]] % inner == 0 else None
+    return None
+
+
+def _inputs_backward(node: fx.Node, dim: int, rows: bool) -> list[tuple[fx.Node, int | None]] | None:
     """For ``node``'s output chunked along ``dim``: each tensor input and the dim it is chunked
-    along (None: read whole by every chunk), or None when ``node`` is not head-parallel."""
+    along (None: read whole by every chunk), or None when ``node`` is not head-parallel (with
+    ``rows``: query-row-parallel)."""
     target, args = node.target, node.args
     out = concrete_shape(node)
     if out is None or not args:
@@ -120,6 +203,8 @@ def _inputs_backward(node: fx.Node, dim: int) -> list[tuple[fx.Node, int | None]
     if target in RESHAPES:
         shape = concrete_shape(source)
         found = None if shape is None else reshaped_dim(out, shape, dim)
+        if found is None and rows and shape is not None:
+            found = _row_dim_backward(out, shape, dim)
         return None if found is None else [(source, found)]
     if target is aten.permute.default:
         return [(source, list(args[1])[dim] % rank)]
@@ -148,9 +233,9 @@ def _inputs_backward(node: fx.Node, dim: int) -> list[tuple[fx.Node, int | None]
     return None
 
 
-def _output_forward(node: fx.Node, source_dim: int) -> int | None:
+def _output_forward(node: fx.Node, source_dim: int, rows: bool) -> int | None:
     """The dim ``node``'s output is chunked along when its (only) tensor input is chunked along
-    ``source_dim``, or None when ``node`` is not a head-parallel unary op."""
+    ``source_dim``, or None when ``node`` is not a head-parallel (``rows``: row-parallel) unary op."""
     target, args = node.target, node.args
     if node.op != "call_function" or not args or not isinstance(args[0], fx.Node):
         return None
@@ -160,7 +245,11 @@ def _output_forward(node: fx.Node, source_dim: int) -> int | None:
     if out is None or shape is None:
         return None
     if target in RESHAPES:
-        return reshaped_dim(shape, out, source_dim)
+        found = reshaped_dim(shape, out, source_dim)
+        if found is None and rows:
+            moved = _row_dim_forward(shape, out, source_dim, 1)
+            found = None if moved is None else moved[0]
+        return found
     if target is aten.permute.default:
         perm = [p % len(shape) for p in args[1]]
         return perm.index(source_dim)
@@ -178,8 +267,9 @@ def _output_forward(node: fx.Node, source_dim: int) -> int | None:
 
 
 class _Region:
-    def __init__(self, attention: fx.Node, output: fx.Node, chunks: int):
+    def __init__(self, attention: fx.Node, output: fx.Node, chunks: int, rows: bool):
         self.attention = attention
+        self.rows = rows  # chunked along the query rows, not the heads
         self.output = output  # getitem 0
         self.chunks = chunks
         self.dims: dict[fx.Node, int] = {}  # region node -> its head dim
@@ -214,23 +304,30 @@ def _attention_inputs(node: fx.Node) -> dict[str, Any] | None:
     return {"q": arg(q), "k": arg(k), "v": arg(v), "mask": arg(mask)}
 
 
-def _find_region(attention: fx.Node, max_chunks: int) -> _Region | None:
+def _find_region(attention: fx.Node, max_chunks: int, rows: bool) -> _Region | str:
+    """The region to pipeline around ``attention``, chunked along the heads (``rows``: the query
+    rows), or the reason there is none."""
     inputs = _attention_inputs(attention)
     if inputs is None:
-        return None
+        return "attention with dropout (chunks would draw other random numbers)"
     users = list(attention.users)
     outputs = [u for u in users if u.target is operator.getitem and u.args[1] == 0]
     if len(outputs) != 1 or any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in users):
-        return None
+        return "an attention output other than the values is read"
     q_shape, k_shape = concrete_shape(inputs["q"]), concrete_shape(inputs["k"])
     if q_shape is None or k_shape is None or len(q_shape) != 4 or q_shape[1] % k_shape[1]:
-        return None
-    chunks = max((n for n in range(1, max_chunks + 1) if k_shape[1] % n == 0), default=1)
-    if chunks < 2:
-        return None
-    region = _Region(attention, outputs[0], chunks)
+        return "symbolic sizes, or query heads that are not whole groups of key/value heads"
+    if rows:
+        if call_arguments(attention).get("is_causal"):
+            return "causal attention: a query row's keys depend on its position"
+        chunks = max_chunks  # decided by the rows' inner factors, below
+    else:
+        chunks = max((n for n in range(1, max_chunks + 1) if k_shape[1] % n == 0), default=1)
+        if chunks < 2:
+            return f"{k_shape[1]} key/value head(s) per rank: no {max_chunks} or fewer chunks of whole kv heads"
+    region = _Region(attention, outputs[0], chunks, rows)
     region.dims[attention] = 1
-    region.dims[outputs[0]] = 1
+    region.dims[outputs[0]] = 2 if rows else 1
 
     # Backwards from the attention's inputs, latest node first, so that a node's users have
     # all been placed (in the region or not) before the node itself is.
@@ -240,16 +337,23 @@ def _find_region(attention: fx.Node, max_chunks: int) -> _Region | None:
         if isinstance(node, fx.Node):
             wanted.setdefault(node, set()).add(dim)
 
-    for name in ("q", "k", "v"):
-        want(inputs[name], 1)
+    if rows:
+        want(inputs["q"], 2)  # every chunk reads all keys and values
+    else:
+        for name in ("q", "k", "v"):
+            want(inputs[name], 1)
     mask = inputs["mask"]
     if mask is not None:
         mask_shape = concrete_shape(mask)
         if mask_shape is None:
-            return None
-        if len(mask_shape) >= 3 and mask_shape[-3] != 1:
+            return "a mask with symbolic sizes"
+        if rows:
+            if len(mask_shape) >= 2 and mask_shape[-2] != 1:
+                return "the mask differs between query rows"
+            want(mask, None)
+        elif len(mask_shape) >= 3 and mask_shape[-3] != 1:
             if mask_shape[-3] != q_shape[1]:
-                return None
+                return "the mask's head dim is neither 1 nor the query heads"
             want(mask, len(mask_shape) - 3)
         else:
             want(mask, None)
@@ -258,13 +362,13 @@ def _find_region(attention: fx.Node, max_chunks: int) -> _Region | None:
         node = max(wanted, key=position.__getitem__)
         dims = wanted.pop(node)
         if len(dims) > 1:
-            return None  # read along two different dims, or whole and chunked
+            return "a tensor is read along two dims, or whole and in chunks"
         if dims == {None}:
             continue  # read whole by every chunk
         [dim] = dims
         inner = None
         if node.op == "call_function" and all(user in region.dims for user in node.users):
-            inner = _inputs_backward(node, dim)
+            inner = _inputs_backward(node, dim, rows)
         if inner is None:
             region.leaves[node] = dim
             continue
@@ -278,7 +382,7 @@ def _find_region(attention: fx.Node, max_chunks: int) -> _Region | None:
     while frontier:
         node = frontier.pop()
         for user in node.users:
-            dim = _output_forward(user, region.dims[node])
+            dim = _output_forward(user, region.dims[node], rows)
             if dim is not None and user not in region.dims:
                 region.dims[user] = dim
                 forward.append(user)
@@ -296,11 +400,53 @@ def _find_region(attention: fx.Node, max_chunks: int) -> _Region | None:
         if node not in keep:
             del region.dims[node]
     if not any(node.target is A2A for node in region.dims):
-        return None
+        return "no all-to-all in the attention's region: no communication to hide"
+    region.exits = [node for node in region.dims if any(user not in region.dims for user in node.users)]
+    if rows:
+        return _chunk_rows(region, inputs["q"], max_chunks)
     sizes = region.head_sizes()
     if sizes is None or any(size % chunks for size in sizes):
-        return None
-    region.exits = [node for node in region.dims if any(user not in region.dims for user in node.users)]
+        return f"a head count in the region that {chunks} chunks do not divide"
+    return region
+
+
+def _chunk_rows(region: _Region, query: fx.Node, max_chunks: int) -> _Region | str:
+    """Check that chunking the query rows is exact, and choose the chunk count.
+
+    Each region tensor's row dim is ``outer x inner`` (:func:`_row_dim_forward`); a leaf's and an
+    exit's rows must be whole (``inner`` = the dim: a chunk is a slice, the chunks concatenate),
+    and the count must divide every ``inner``.
+    """
+    inners: dict[fx.Node, int] = {}
+    for leaf, dim in region.leaves.items():
+        inners[leaf] = concrete_shape(leaf)[dim]
+    position = {node: index for index, node in enumerate(region.attention.graph.nodes)}
+    for node in sorted(region.dims, key=position.__getitem__):
+        if node is region.attention:
+            continue
+        if node is region.output:
+            inners[node] = inners[query]
+            continue
+        sources = [arg for arg in node.all_input_nodes if arg in inners]
+        found = {inners[arg] for arg in sources}
+        if len(found) != 1:
+            return "query rows merged from tensors chunked differently"
+        [inner] = found
+        if node.target in RESHAPES:
+            source_dim = region.dims.get(sources[0], region.leaves.get(sources[0]))
+            moved = _row_dim_forward(concrete_shape(sources[0]), concrete_shape(node), source_dim, inner)
+            if moved is None or moved[0] != region.dims[node]:
+                return f"a reshape that mixes the query rows with other dims ({node.format_node()})"
+            inner = moved[1]
+        inners[node] = inner
+    for exit_node in region.exits:
+        if inners[exit_node] != concrete_shape(exit_node)[region.dims[exit_node]]:
+            return "the region's result does not hold the query rows as whole chunks (no output all-to-all)"
+    local_rows = inners[query]
+    chunks = max((n for n in range(1, max_chunks + 1) if all(inner % n == 0 for inner in inners.values())), default=1)
+    if chunks < 2:
+        return f"{local_rows} query rows per rank: no 2 to {max_chunks} equal chunks"
+    region.chunks = chunks
     return region
 
 
@@ -308,7 +454,8 @@ def _find_region(attention: fx.Node, max_chunks: int) -> _Region | None:
 
 
 def _emit(graph: fx.Graph, attention: fx.Node, region: _Region, log: RewriteLog) -> None:
-    heads = concrete_shape(region.output)[1]
+    split_dim = 2 if region.rows else 1
+    total = concrete_shape(region.output)[split_dim]
     position = {node: index for index, node in enumerate(graph.nodes)}
     nodes = sorted(region.dims, key=position.__getitem__)
     collectives = [node for node in nodes if node.target is A2A]
@@ -365,10 +512,11 @@ def _emit(graph: fx.Graph, attention: fx.Node, region: _Region, log: RewriteLog)
             for user in list(node.users):
                 if user not in region.dims:
                     user.replace_input_with(node, joined)
+    what = "query rows" if region.rows else "head(s)"
     log.add(
         attention,
-        replaced=f"attention over {heads} heads between {len(collectives)} exposed all-to-alls",
-        by=f"{region.chunks} chunks of {heads // region.chunks} head(s), pipelined: each chunk's "
+        replaced=f"attention over {total} {what} between {len(collectives)} exposed all-to-alls",
+        by=f"{region.chunks} chunks of {total // region.chunks} {what}, pipelined: each chunk's "
         f"all-to-alls run under the neighbouring chunk's attention",
     )
     unread_outputs = [user for user in attention.users if user is not region.output]

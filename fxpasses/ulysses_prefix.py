@@ -36,8 +36,10 @@ Preconditions (else no rewrite):
 - The collective is ``_c10d_functional.all_to_all_single`` with equal splits, static
   sizes, its wait its only user, on a process group this process belongs to.
 - Its input is ``cat`` (along dim c) followed only by layout ops (``view``/``reshape``,
-  ``permute``, ``clone``, dtype casts) that keep dim c whole (same size, same product of
-  sizes before and after it), and dim c does not end up as dim 0 (the split dim).
+  ``permute``, ``clone``, dtype casts, and the ``unsqueeze`` + ``expand`` of
+  ``repeat_interleave``, which replicates K/V heads when there are fewer than ranks) that
+  keep dim c whole (same size, same product of sizes before and after it; not broadcast),
+  and dim c does not end up as dim 0 (the split dim).
 - Some piece of the cat is *proven replicated* and the non-replicated pieces are
   contiguous in the cat (one all-to-all carries them). Replicated means equal on every
   rank of the group, by a dataflow analysis over the graph: a value is replicated when
@@ -77,6 +79,9 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 _SAME_SHAPE = (aten.clone.default, aten.alias.default, prims.convert_element_type.default)
+# ``repeat_interleave(r, dim)`` of K/V heads (fewer kv heads than ranks), post-grad: a new dim
+# ``unsqueeze``d after the heads, ``expand``ed to r, copied and merged into the heads.
+_HEAD_REPEAT = (aten.unsqueeze.default, aten.expand.default)
 
 
 class UlyssesPrefix(GraphPass):
@@ -186,7 +191,7 @@ def _match(collective: AllToAll, replicated: set[fx.Node]) -> tuple[fx.Node, lis
     chain = []
     node = collective.input
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target is not aten.cat.default:
-        if node.target not in RESHAPES + _SAME_SHAPE + (aten.permute.default,):
+        if node.target not in RESHAPES + _SAME_SHAPE + _HEAD_REPEAT + (aten.permute.default,):
             return None
         if node.target is aten.clone.default and set(node.kwargs) - {"memory_format"}:
             return None
@@ -232,6 +237,12 @@ def _track(op: fx.Node, dim: int) -> int | None:
     before, after = concrete_shape(op.args[0]), concrete_shape(op)
     if before is None or after is None:
         return None
+    if op.target is aten.unsqueeze.default:
+        inserted = op.args[1] % len(after)
+        return dim if dim < inserted else dim + 1
+    if op.target is aten.expand.default:
+        own = dim + len(after) - len(before)  # expand prepends dims
+        return own if before[dim] == after[own] else None  # the cat dim is not broadcast
     return reshaped_dim(before, after, dim)
 
 
@@ -301,10 +312,11 @@ def _replay(graph: fx.Graph, chain: list[fx.Node], tensor: fx.Node, cat_dim: int
     size = concrete(fake_value(tensor).shape[cat_dim])
     for op in chain:
         out_dim = _track(op, dim)
-        if op.target in RESHAPES:
+        if op.target in RESHAPES or op.target is aten.expand.default:
             shape = [concrete(s) for s in fake_value(op).shape]
             shape[out_dim] = size
-            tensor = insert_call(graph, aten.reshape.default, (tensor, shape), op)
+            target = aten.expand.default if op.target is aten.expand.default else aten.reshape.default
+            tensor = insert_call(graph, target, (tensor, shape), op)
         elif op.target is aten.permute.default:
             tensor = insert_call(graph, aten.permute.default, (tensor, op.args[1]), op)
         elif op.target is aten.clone.default and not keep_copies:

@@ -39,8 +39,15 @@ of attention as keys (a boolean ``attn_mask``, built only when there is padding)
 dropped by :func:`gather_sequence`. Their own outputs are computed and discarded.
 
 Heads. Each rank takes ``H/P`` query heads and ``Hkv/P`` K/V heads, so P must divide
-both (GQA grouping is then preserved per rank); :func:`ulysses_plan` and
-:class:`UlyssesCosmos3GenLayer` raise ``ValueError`` at setup otherwise.
+``H`` (GQA grouping is then preserved per rank). With fewer K/V heads than ranks
+(``Hkv < P``, e.g. Cosmos3's 8 kv heads over 16 ranks) each K/V head is replicated to the
+``P/Hkv`` ranks whose query heads read it: before its all-to-all, K/V is
+``repeat_interleave``'d to ``P`` heads along the head dim (head ``e`` is kv head
+``e // (P/Hkv)``), so rank j receives kv head ``j // (P/Hkv)``, the one its query heads
+``[j H/P, (j+1) H/P)`` read under GQA, and attends with ``H/P`` query heads over one kv
+head. That sends ``P/Hkv`` copies of each K/V head (sglang replicates the same way).
+:func:`ulysses_plan` and :class:`UlyssesCosmos3GenLayer` raise ``ValueError`` at setup when
+P does not divide ``H``, or divides neither ``Hkv`` nor is a multiple of it.
 
 Running it: under ``torchrun`` (NCCL on GPUs, gloo on CPU) or
 ``torch.multiprocessing.spawn``; see ``docs/ulysses.md`` and
@@ -82,14 +89,25 @@ class UlyssesPlan:
 
 
 def check_heads(num_heads: int, num_kv_heads: int, world_size: int) -> None:
-    """Raise ``ValueError`` unless ``world_size`` divides both head counts."""
-    for what, heads in (("query", num_heads), ("key/value", num_kv_heads)):
-        if heads % world_size:
-            raise ValueError(
-                f"Ulysses over {world_size} ranks needs the {what} head count to be a multiple of "
-                f"{world_size}, got {heads}; use a group size that divides {num_heads} q and "
-                f"{num_kv_heads} kv heads"
-            )
+    """Raise ``ValueError`` unless ``world_size`` divides the query heads and either divides the
+    key/value heads or is a multiple of them (then :func:`kv_repeats` replicates them)."""
+    if num_heads % world_size:
+        raise ValueError(
+            f"Ulysses over {world_size} ranks needs the query head count to be a multiple of "
+            f"{world_size}, got {num_heads}; use a group size that divides {num_heads}"
+        )
+    if num_kv_heads % world_size and world_size % num_kv_heads:
+        raise ValueError(
+            f"Ulysses over {world_size} ranks needs the key/value head count to be a multiple or a "
+            f"divisor of {world_size}, got {num_kv_heads}; use a group size that {num_kv_heads} kv heads "
+            f"divide or that divides them"
+        )
+
+
+def kv_repeats(num_kv_heads: int, world_size: int) -> int:
+    """How many ranks each key/value head goes to: 1 when the ranks split the heads, ``P / Hkv``
+    when there are fewer heads than ranks (each rank then holds one, replicated)."""
+    return 1 if num_kv_heads % world_size == 0 else world_size // num_kv_heads
 
 
 def ulysses_plan(
@@ -132,7 +150,13 @@ def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 
 def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup, world_size: int) -> torch.Tensor:
-    """``[B, L, H, D]`` sequence shard -> received ``[P, L, B, H/P, D]`` (chunk j from rank j)."""
+    """``[B, L, H, D]`` sequence shard -> received ``[P, L, B, H/P, D]`` (chunk j from rank j).
+
+    Fewer heads than ranks (``H < P``, K/V under GQA): each head is first repeated to the
+    ``P/H`` ranks that read it (:func:`kv_repeats`), so every rank receives one head.
+    """
+    if x.shape[2] < world_size:
+        x = x.repeat_interleave(kv_repeats(x.shape[2], world_size), dim=2)
     batch, length, heads, head_dim = x.shape
     x = x.reshape(batch, length, world_size, heads // world_size, head_dim).permute(2, 1, 0, 3, 4).contiguous()
     return _all_to_all(x, group)

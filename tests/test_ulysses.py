@@ -28,6 +28,7 @@ from diffopt.models.ulysses import (
     check_heads,
     gather_sequence,
     heads_to_seq,
+    kv_repeats,
     merge_prefixed_sequence,
     merge_sequence,
     seq_to_heads,
@@ -165,10 +166,52 @@ def _layer_checks(rank: int, world: int, seq_len: int) -> None:
         assert schedule(graphs[2]) == "CCWACWACWW"
 
 
+def _kv_replication_checks(rank: int, world: int) -> None:
+    """Fewer kv heads than ranks (2 and 1 over 4): each rank receives the kv head its query heads
+    read; the passes take out the prefix and pack q/k/v as before; pipelining over heads declines
+    (one kv head per rank), over query rows it fires, bitwise."""
+    for kv_heads in (2, 1):
+        config = dataclasses.replace(CONFIG, num_kv_heads=kv_heads, gen_seq_len=14)
+        torch.manual_seed(0)
+        layer = Cosmos3GenLayer(config)
+        hidden, cos, sin, prefix_kv = cosmos3_example_inputs(config)
+        plan = ulysses_plan(config.gen_seq_len, config.num_heads, kv_heads)
+        sp_layer = UlyssesCosmos3GenLayer.from_layer(layer, config, plan)
+        args = (shard_sequence(hidden, plan), shard_sequence(cos, plan), shard_sequence(sin, plan), *prefix_kv[0])
+        with torch.no_grad():
+            expected = layer(hidden, cos, sin, *prefix_kv[0])
+            torch.testing.assert_close(gather_sequence(sp_layer(*args), plan), expected)
+            result = trace(sp_layer, *args, options=DECLARED)
+        torch.testing.assert_close(gather_sequence(result.output, plan), expected)
+        stock, final = result.before("ulysses_prefix"), result.after("batch_all_to_all")
+        assert result.report.matches("ulysses_prefix") == 2 and result.report.matches("batch_all_to_all") == 1
+        assert [count_ops(g)[A2A] for g in (stock, final)] == [4, 2]
+        # K/V go out as P heads (each kv head world / kv_heads times), one per rank.
+        B, P, D, H, shard = 1, config.prefix_len, config.head_dim, config.num_heads, plan.shard_len
+        share = (world - 1) / world
+
+        def wire(prefix: int) -> int:
+            return int(4 * share * B * D * (shard * H + 2 * (prefix + shard) * world + shard * H))
+
+        assert bytes_sent(stock, world) == wire(P) and bytes_sent(final, world) == wire(0)
+
+        heads_options = {"passes": {**DECLARED["passes"], "pipeline_heads": {"chunks": 2}}}
+        with torch.no_grad():
+            result = trace(sp_layer, *args, options=heads_options)
+        assert result.report.matches("pipeline_heads") == 0
+        assert any("1 key/value head(s) per rank" in d.reason for d in result.report.declines if d.pass_name == "pipeline_heads")
+        rows_options = {"passes": {**DECLARED["passes"], "pipeline_heads": {"chunks": 2, "split": "queries"}}}
+        with torch.no_grad():
+            pipelined = trace(sp_layer, *args, options=rows_options)
+        assert pipelined.report.matches("pipeline_heads") == 1
+        assert torch.equal(pipelined.output, result.output)  # bitwise the unpipelined graph's output
+        assert count_ops(pipelined.after("pipeline_heads"))[A2A] == 2 + 2 * 2  # k, v whole; q, output per chunk
+
+
 def _setup_checks(rank: int, world: int) -> None:
-    # A world size that does not divide the heads fails at setup, naming the problem.
-    with pytest.raises(ValueError, match=f"key/value head count to be a multiple of {world}, got {world - 1}"):
-        ulysses_plan(16, num_heads=8, num_kv_heads=world - 1)
+    # A world size that does not divide the heads (nor, for kv heads, is a multiple) fails at setup.
+    with pytest.raises(ValueError, match=f"key/value head count to be a multiple or a divisor of {world}, got 3"):
+        ulysses_plan(16, num_heads=12, num_kv_heads=3)
     with pytest.raises(ValueError, match="query head count"):
         config = dataclasses.replace(CONFIG, num_heads=3 * world // 2, num_kv_heads=world // 2)
         UlyssesCosmos3GenLayer(config, ulysses_plan(16, 8, 4))
@@ -205,6 +248,8 @@ def _inductor_checks(rank: int, world: int, seq_len: int) -> None:
 def _layer_and_setup_checks(rank: int, world: int, seq_len: int, inductor: bool) -> None:
     _layer_checks(rank, world, seq_len)
     _setup_checks(rank, world)
+    if world == 4:
+        _kv_replication_checks(rank, world)
     if inductor:
         _inductor_checks(rank, world, seq_len)
 
@@ -408,6 +453,8 @@ def _pipeline_checks(rank: int, world: int) -> None:
 
     assert pipelined(local, q, k, v).report.matches("pipeline_heads") == 0
 
+    _query_chunk_checks(rank, world, q, k, v)
+
     # diffusers' 1-D buffers: the all-to-all goes back to the buffer's shape when its dim 0
     # splits into whole row blocks per rank, not otherwise.
     def flattened(x):
@@ -417,6 +464,82 @@ def _pipeline_checks(rank: int, world: int) -> None:
     for rows, expected in ((2 * world, 1), (3, 0)):
         x = torch.randn(rows, 4, generator=g) + rank
         assert pipelined(flattened, x).report.matches("unflatten_all_to_all") == expected
+
+
+def _query_chunk_checks(rank: int, world: int, q, k, v) -> None:
+    """``pipeline_heads`` with ``split="queries"``: chunks of the local query rows, K/V whole."""
+
+    def rows(chunks):
+        return {"passes": {"pipeline_heads": {"chunks": chunks, "split": "queries"}}}
+
+    def compiled(fn, *args, options):
+        with torch.no_grad():
+            expected = fn(*args)
+            stock = trace(fn, *args)  # the same passes without the pipeline
+            result = trace(fn, *args, options=options)
+        torch.testing.assert_close(result.output, expected)
+        assert torch.equal(result.output, stock.output)  # bitwise: each chunk computes its rows' stock values
+        return result
+
+    def declined(result) -> list[str]:
+        assert result.report.matches("pipeline_heads") == 0
+        return [d.reason for d in result.report.declines if d.pass_name == "pipeline_heads"]
+
+    def attention(q, k, v):
+        return ulysses_attention(q, k, v, world)
+
+    # 6 local rows in 3 chunks of 2 (GQA, 2 kv heads per rank, not split): k and v whole first,
+    # then per chunk q's all-to-all, attention, the output's all-to-all. Chunk c + 1's q is
+    # sent before chunk c's attention; chunk 0's q is packed with k and v, the others alone.
+    result = compiled(attention, q, k, v, options=rows(3))
+    [rewrite] = [r for r in result.report.rewrites if r.pass_name == "pipeline_heads"]
+    assert rewrite.by.startswith("3 chunks of 4 query rows"), rewrite.by  # 12 rows = 2 ranks x 6
+    before, after = result.before("pipeline_heads"), result.after("pipeline_heads")
+    assert (count_ops(before)[A2A], count_ops(after)[A2A]) == (4, 2 + 2 * 3)
+    assert bytes_sent(before, world) == bytes_sent(after, world)
+    assert schedule(result.after("batch_all_to_all")) == "CWCACCWACWACWWW"
+    # Inductor keeps that order in its generated code.
+    with torch.no_grad():
+        result, [code] = run_and_get_code(trace, attention, q, k, v, options={**rows(3), "inductor": True})
+    torch.testing.assert_close(result.output, attention(q, k, v))
+    assert code_schedule(code) == "CWCACCWACWACWWW", code_schedule(code)
+    # As many chunks as divide the local rows: 6 rows, at most 4 chunks -> 3.
+    [rewrite] = [r for r in compiled(attention, q, k, v, options=rows(4)).report.rewrites if r.pass_name == "pipeline_heads"]
+    assert rewrite.by.startswith("3 chunks"), rewrite.by
+    # One kv head per rank: nothing to split over heads, but query rows still split.
+    assert compiled(attention, q, k[:, :, :world], v[:, :, :world], options=rows(2)).report.matches("pipeline_heads") == 1
+
+    # A mask that broadcasts over the query rows: read whole by every chunk.
+    keys = 6 * world
+    key_mask = torch.rand(1, 1, 1, keys, generator=torch.Generator().manual_seed(5)) > 0.3
+    key_mask[..., 0] = True
+
+    def masked(q, k, v, mask):
+        return ulysses_attention(q, k, v, world, mask=mask)
+
+    assert compiled(masked, q, k, v, key_mask, options=rows(2)).report.matches("pipeline_heads") == 1
+
+    # Near misses. Causal: a row's keys depend on its global position, which chunks reorder.
+    def causal(q, k, v):
+        group = dist.group.WORLD
+        q, k, v = (merge_sequence(seq_to_heads(x, group, world)).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return heads_to_seq(out.transpose(1, 2), group, world)
+
+    assert any("causal" in r for r in declined(compiled(causal, q, k, v, options=rows(2))))
+    # A mask with a row per query couples the rows with their positions: declined.
+    row_mask = torch.rand(1, 1, keys, keys, generator=torch.Generator().manual_seed(6)) > 0.3
+    row_mask[..., 0] = True
+    assert any("query rows" in r for r in declined(compiled(masked, q, k, v, row_mask, options=rows(2))))
+    # Local rows without an equal split (5 rows, at most 4 chunks).
+    assert any("5 query rows per rank" in r for r in declined(compiled(attention, q[:, :5], k[:, :5], v[:, :5], options=rows(4))))
+    # No output all-to-all: the chunks' rows are interleaved across ranks, they cannot be concatenated.
+    def no_output_collective(q, k, v):
+        group = dist.group.WORLD
+        q, k, v = (merge_sequence(seq_to_heads(x, group, world)).transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True) * 2
+
+    assert any("whole chunks" in r for r in declined(compiled(no_output_collective, q, k, v, options=rows(2))))
 
 
 def _diffusers_wan_checks(rank: int, world: int) -> None:
@@ -481,12 +604,14 @@ def _near_miss_and_batching(rank: int, world: int) -> None:
 
 def test_head_check_and_padding_plan():
     check_heads(8, 4, 4)
+    check_heads(8, 2, 4)  # fewer kv heads than ranks: replicated
+    assert (kv_repeats(4, 4), kv_repeats(2, 4), kv_repeats(1, 4), kv_repeats(8, 4)) == (1, 2, 4, 1)
     with pytest.raises(ValueError, match="Ulysses over 3 ranks needs the query head count"):
         check_heads(8, 4, 3)
     plan = UlyssesPlan(group=None, world_size=4, rank=3, seq_len=14)
     assert (plan.padded_len, plan.shard_len, plan.padding) == (16, 4, 2)
     with pytest.raises(ValueError, match="key/value head count"):
-        UlyssesCosmos3GenLayer(dataclasses.replace(CONFIG, num_kv_heads=2), plan)
+        UlyssesCosmos3GenLayer(dataclasses.replace(CONFIG, num_heads=12, num_kv_heads=3), plan)
 
 
 def test_ulysses_prefix_options():
