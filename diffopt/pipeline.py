@@ -67,7 +67,7 @@ class Pipeline:
     def stage_passes(self, stage: Stage) -> list[GraphPass]:
         """The enabled passes that run at ``stage``, in order."""
         if stage is Stage.BEFORE_AUTOGRAD:
-            return [graph_pass for graph_pass in self.passes if graph_pass.differentiable]
+            return [p for p in self.passes if p.differentiable and p.config.get("training")]
         return [graph_pass for graph_pass in self.passes if graph_pass.stage is stage]
 
     def run(self, stage: Stage, graph: fx.Graph, graph_name: str) -> int:

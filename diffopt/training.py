@@ -28,6 +28,7 @@ Not traced (the passes do not run before autograd, with the reason in the report
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ from .graph_pass import Stage
 from .pipeline import Pipeline, not_applicable
 
 aten = torch.ops.aten
+log = logging.getLogger("diffopt")
 
 # Switches of global autograd state that a functional ATen trace does not record.
 _STATE_SWITCHES = compat.autograd_state_switches()
@@ -64,7 +66,14 @@ def rewrite_before_autograd(
     if reason:
         pipeline.note(Stage.BEFORE_AUTOGRAD, graph_name, f"not run: {reason}")
         return gm
-    forward = forward_aten_graph(gm, example_inputs)
+    try:
+        forward = forward_aten_graph(gm, example_inputs)
+    except Exception as error:  # a bug in diffopt's trace, not in the program: compile the graph as it is
+        if pipeline.options.strict:
+            raise
+        log.warning("diffopt: %s: tracing the forward graph for the before-autograd passes raised (%s: %s); "
+                    "compiled without them", graph_name, type(error).__name__, error)
+        forward = f"the trace raised {type(error).__name__} (a bug in diffopt)"
     if isinstance(forward, str):
         pipeline.note(Stage.BEFORE_AUTOGRAD, graph_name, f"not run: {forward}")
         return gm

@@ -120,7 +120,10 @@ class QKNormRope(GraphPass):
     differentiable = True  # the op has an autograd formula: training graphs are rewritten before autograd
     # Devices with a fast kernel. On CPU the op runs its plain-torch reference, which is slower
     # than Inductor's own fused C++ code; tests add "cpu" to exercise the rewrite there.
-    defaults = {"devices": ("cuda",)}
+    # "training": also fuse in graphs that need gradients (the op's autograd formula, rewritten before
+    # autograd: diffopt/training.py). Opt-in until its GPU tests pass: on the H200 machine (torch 2.11)
+    # their first run failed, for a reason not yet seen; on CPU they pass (docs/passes.md, Training).
+    defaults = {"devices": ("cuda",), "training": False}
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         position = {node: index for index, node in enumerate(graph.nodes)}

@@ -95,7 +95,8 @@ def prefix_inputs(device, dtype, S=24, H=4, Hk=2, D=32, P=5, batch=(), prefix_dt
     wq, wk = (torch.rand(D, generator=g) + 0.5).to(device, dtype), (torch.rand(D, generator=g) + 0.5).to(device, dtype)
     ang = torch.rand(S, D // 2, generator=g) * 6.28
     ang = torch.cat([ang, ang], -1)[:, None]
-    return q, k, k_prefix, wq, wk, ang.cos().to(device), ang.sin().to(device)
+    # tables in the activations' dtype: the rotation computes in it, as Cosmos3's does
+    return q, k, k_prefix, wq, wk, ang.cos().to(device, dtype), ang.sin().to(device, dtype)
 
 
 def _rewritten_on_fake_cpu(monkeypatch, fn, args):

@@ -292,8 +292,9 @@ def test_gpu_forms_against_eager(form):
         angle = rand(1, 4608, 1, D, seed=7) * 3
         args = joint_args(B, 512, 4096, H, H, D, dtype) + (angle.cos(), angle.sin())
         fn, calls = joint(rope_diffusers), 2
-    else:  # Cosmos-like [B, H, S, D] rotation, fp32 tables [1, 1, S, D]
-        args = bshd_args(B, 4096, H, H, D, dtype) + tables(4096, D)
+    else:  # Cosmos-like [B, H, S, D] rotation, tables [1, 1, S, D] in the activations' dtype (with fp32
+        # tables the stock code rounds the normed q to bf16 before an fp32 result: a designed decline)
+        args = bshd_args(B, 4096, H, H, D, dtype) + tables(4096, D, dtype=dtype)
         fn = (bhsd_transpose_before_norm if form == "bhsd_before" else bhsd_transpose_after_norm)(rope_neox)
         calls = 1
     args = cuda(args)
@@ -304,6 +305,8 @@ def test_gpu_forms_against_eager(form):
     assert result.report.matches("qk_norm_rope") == 1
     assert count_ops(result.after("qk_norm_rope"))[FUSED] == calls
     for got, ref, ref64 in zip(result.output, want, exact):
-        torch.testing.assert_close(got, ref, **TOL[dtype])
-        # never less accurate than stock eager against float64
-        assert (got.double() - ref64).abs().max() <= 1.25 * (ref.double() - ref64).abs().max() + 1e-3
+        assert got.dtype == ref.dtype and got.stride() == ref.stride()
+        # stock eager rounds every bf16 intermediate: at these sizes its own error is the yardstick
+        stock_error = (ref.double() - ref64).abs().max()
+        assert (got.double() - ref64).abs().max() <= 1.25 * stock_error + 1e-3  # never less accurate
+        assert (got.double() - ref.double()).abs().max() <= 2.25 * stock_error + 1e-3

@@ -19,6 +19,9 @@ from test_qk_norm_rope_pass import (  # noqa: E402
 )
 
 FUSED = "diffopt.qk_norm_rope.default"
+# training graphs are fused on request (the pass's option "training"), here on CPU too
+TRAIN = {"passes": {"qk_norm_rope": {**ON_CPU["passes"]["qk_norm_rope"], "training": True}}}
+TRAIN_CUDA = {"passes": {"qk_norm_rope": {"training": True}}}
 BF16, F32 = torch.bfloat16, torch.float32
 
 
@@ -154,7 +157,7 @@ def test_fires_in_training_and_gradients_match_eager(form, dtype, inductor):
     if inductor and dtype == BF16 and form is gqa_functional:
         pytest.skip("covered by the other forms (keeps the CPU suite short)")
     fn, args = form()
-    result, got, want = train_step(fn, args, {**ON_CPU, "inductor": inductor}, dtype)
+    result, got, want = train_step(fn, args, {**TRAIN, "inductor": inductor}, dtype)
     run, after = fused_before_autograd(result)
     assert run.matches == 1 and after[FUSED] == 1 and after["aten.rsqrt.default"] == 0
     # the post-grad forward graph calls the op (AOT autograd kept it), with no stock norm left
@@ -170,8 +173,17 @@ def test_near_miss_still_declines_in_training():
         return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps) * w
 
     result, got, want = train_step(per_head(seq_norm, rope_neox), inputs(1, 4, 2, 2, 8, neox_tables(1, 4, 8)),
-                                   ON_CPU, F32)
+                                   TRAIN, F32)
     assert result.report.matches("qk_norm_rope") == 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_training_graphs_are_fused_only_on_request():
+    fn, args = gqa_functional()
+    result, got, want = train_step(fn, args, ON_CPU, F32)  # the option "training" left at its default
+    assert result.report.matches("qk_norm_rope") == 0
+    assert all(run.stage != "before_autograd" for run in result.report.runs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
 
@@ -179,7 +191,7 @@ def test_near_miss_still_declines_in_training():
 def test_inference_compile_is_unchanged():
     fn, args = gqa_functional()
     with torch.no_grad():
-        result = trace(fn, *args, options=ON_CPU)
+        result = trace(fn, *args, options=TRAIN)
     assert result.report.matches("qk_norm_rope") == 1
     assert all(run.stage != "before_autograd" for run in result.report.runs)
 
@@ -197,7 +209,7 @@ def test_declines_a_graph_that_switches_grad_mode():
         out_q, out_k = front(q / scale, k, wq, wk, cos, sin)
         return out_q, out_k
 
-    result, got, want = train_step(fn, gqa_functional()[1], ON_CPU, F32)
+    result, got, want = train_step(fn, gqa_functional()[1], TRAIN, F32)
     assert result.report.matches("qk_norm_rope") == 0
     assert _note(result) == ["not run: the graph switches autograd state (_set_grad_enabled)"]
     for g, w in zip(got, want):
@@ -211,16 +223,35 @@ def test_declines_a_graph_that_mutates_an_input():
         counter.add_(1)
         return front(q, k, wq, wk, cos, sin)
 
-    result, got, want = train_step(fn, (*gqa_functional()[1], torch.zeros(3)), ON_CPU, F32)
+    result, got, want = train_step(fn, (*gqa_functional()[1], torch.zeros(3)), TRAIN, F32)
     [note] = _note(result)
     assert note.startswith("not run: the graph mutates its input") and "counter" in note
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
 
 
+def test_a_trace_that_raises_compiles_the_graph_unfused(monkeypatch, caplog):
+    from diffopt import training
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(training, "forward_aten_graph", broken)
+    fn, args = gqa_functional()
+    with caplog.at_level("WARNING", logger="diffopt"):
+        result, got, want = train_step(fn, args, {**TRAIN, "strict": False}, F32)
+    assert result.report.matches("qk_norm_rope") == 0
+    assert _note(result) == ["not run: the trace raised RuntimeError (a bug in diffopt)"]
+    assert any("before-autograd passes raised (RuntimeError: injected)" in r.getMessage() for r in caplog.records)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(Exception, match="injected"):  # strict: a bug in diffopt is an error
+        train_step(fn, args, TRAIN, F32)
+
+
 def test_off_device_is_reported_without_tracing():
     fn, args = gqa_functional()
-    result, _, _ = train_step(fn, args, {}, F32)  # default devices: CUDA only
+    result, _, _ = train_step(fn, args, TRAIN_CUDA, F32)  # default devices: CUDA only
     assert result.report.matches("qk_norm_rope") == 0
     assert "off on cpu" in _note(result)[0]
 
@@ -241,7 +272,7 @@ def _loss(output):
 def test_stock_block_parameter_gradients_match_eager(builder, inductor):
     torch.manual_seed(0)
     model, args, kwargs = builder(F32)
-    result = trace(model, *args, options={**ON_CPU, "inductor": inductor}, **kwargs)
+    result = trace(model, *args, options={**TRAIN, "inductor": inductor}, **kwargs)
     assert result.report.matches("qk_norm_rope") >= 1
     _loss(result.output).backward()
     got = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -262,7 +293,7 @@ def test_stock_block_parameter_gradients_match_eager(builder, inductor):
 def test_cuda_training_compile_inlines_the_kernel_and_keeps_gradients(form, dtype):
     fn, args = form()
     args = [a.cuda() for a in args]
-    result, got, want = train_step(fn, args, {"inductor": True}, dtype)
+    result, got, want = train_step(fn, args, {**TRAIN_CUDA, "inductor": True}, dtype)
     assert result.report.matches("qk_norm_rope") == 1 and result.report.matches("inline_triton") == 1
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tolerance(dtype, want))
