@@ -121,8 +121,8 @@ class QKNormRope(GraphPass):
     # Devices with a fast kernel. On CPU the op runs its plain-torch reference, which is slower
     # than Inductor's own fused C++ code; tests add "cpu" to exercise the rewrite there.
     # "training": also fuse in graphs that need gradients (the op's autograd formula, rewritten before
-    # autograd: diffopt/training.py). Opt-in until its GPU tests pass: on the H200 machine (torch 2.11)
-    # their first run failed, for a reason not yet seen; on CPU they pass (docs/passes.md, Training).
+    # autograd: diffopt/training.py). Opt-in until its GPU tests pass on the H200 machine (on CPU they
+    # pass; the first GPU run failed, most likely on a test bug since fixed: docs/passes.md, Training).
     defaults = {"devices": ("cuda",), "training": False}
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:

@@ -133,7 +133,7 @@ def train_step(fn, args, options, dtype, differentiable=4):
     args = [a.to(dtype) if a.is_floating_point() else a for a in args]
     leaves = [a.detach().requires_grad_() if i < differentiable else a for i, a in enumerate(args)]
     result = trace(fn, *leaves, options=options)
-    grad_outs = [rand(*o.shape, seed=7 + i).to(o.dtype) for i, o in enumerate(result.output)]
+    grad_outs = [rand(*o.shape, seed=7 + i).to(o.device, o.dtype) for i, o in enumerate(result.output)]
     got = torch.autograd.grad(result.output, leaves[:differentiable], grad_outs)
     want = torch.autograd.grad(fn(*leaves), leaves[:differentiable], grad_outs)
     return result, got, want
