@@ -7,7 +7,8 @@ written as ``F.rms_norm``, ``nn.RMSNorm``, or by hand as
 ``x * rsqrt(mean(x^2) + eps) * w`` with or without a float32 upcast. The
 rotation may be half-split (``x*cos + rotate_half(x)*sin``), interleaved pairs
 (``unflatten(-1, (-1, 2)).unbind(-1)`` then stores into ``out[..., 0::2]`` /
-``out[..., 1::2]``), or complex (``view_as_complex(x) * freqs``), on all or on
+``out[..., 1::2]``), complex (``view_as_complex(x) * freqs``), or by 2x2 rotation-matrix
+tables ``[..., D/2, 2, 2]`` proven ``[[cos, -sin], [sin, cos]]`` (HiDream, PRX), on all or on
 the first ``rope_dim`` channels of each head, with q and k of different head
 counts (GQA).
 
