@@ -7,7 +7,8 @@ written as ``F.rms_norm``, ``nn.RMSNorm``, or by hand as
 ``x * rsqrt(mean(x^2) + eps) * w`` with or without a float32 upcast. The
 rotation may be half-split (``x*cos + rotate_half(x)*sin``), interleaved pairs
 (``unflatten(-1, (-1, 2)).unbind(-1)`` then stores into ``out[..., 0::2]`` /
-``out[..., 1::2]``), or complex (``view_as_complex(x) * freqs``), on all or on
+``out[..., 1::2]``), complex (``view_as_complex(x) * freqs``), or by 2x2 rotation-matrix
+tables ``[..., D/2, 2, 2]`` proven ``[[cos, -sin], [sin, cos]]`` (HiDream, PRX), on all or on
 the first ``rope_dim`` channels of each head, with q and k of different head
 counts (GQA).
 
@@ -349,7 +350,9 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int], norm_of: dict[fx.Node
             members = [n for n in region if position[n] <= position[exit_node]]
             with compat.unset_fake_temporarily():  # rows are real tensors, whatever mode compiles the graph
                 layout = _identify_rotation(x, exit_node, members, lead_rank, position, head_axis)
-            if layout is not None:
+            if isinstance(layout, str):  # a rotation-matrix table not proven a rotation
+                kept = layout
+            elif layout is not None:
                 kept = _rounding_kept(norm.nodes + members, exit_val.dtype)
                 if kept is None:
                     *rotation, axes = layout
@@ -395,6 +398,9 @@ def _match_joint(norm: _Norm, cat: fx.Node, norm_of: dict[fx.Node, _Norm], posit
         members = [n for n in region if position[n] <= position[exit_node]]
         with compat.unset_fake_temporarily():
             layout = _identify_rotation(cat, exit_node, members, lead_rank, position, None)
+        if isinstance(layout, str):
+            kept = layout
+            continue
         if layout is None:
             continue
         *rotation, axes = layout
@@ -464,9 +470,14 @@ def _grow_region(x: fx.Node, position: dict[fx.Node, int]) -> tuple[list[fx.Node
 
 def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], lead_rank: int, position,
                        head_axis: int | None):
-    """(cos, sin, style, rope_dim, head axis) if the region from x to exit_node is a rotation, else None.
+    """(cos, sin, style, rope_dim, head axis) if the region from x to exit_node is a rotation, else None (or
+    the reason, where it reads a 2x2 rotation-matrix table not proven a rotation).
     ``head_axis``: which lead dim of x is the heads, where the graph says so (the head split of an
-    across-heads norm); else any lead dim that the tables broadcast over."""
+    across-heads norm); else any lead dim that the tables broadcast over.
+
+    Rotation-matrix tables (issue 12 class D): the region reads entries of a table M [..., L, 2, 2]. Where M is
+    proven to be [[c, -s], [s, c]] (``_unproven_rotation``), its rows are drawn with that structure from random
+    c and s, and the region must agree with the rotation by the tables M[..., 0, 0] and M[..., 1, 0]."""
     member_set = set(members)
     x_val = fake_value(x)
     head_dim = _concrete(x_val.shape[-1])
@@ -477,9 +488,13 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
                 leaves[arg] = None
             elif arg not in member_set:
                 return None  # reads x through an op outside the region
+    views = {leaf: view for leaf in leaves if (view := _matrix_view(leaf)) is not None}
+    unproven = {matrix: _unproven_rotation(matrix) for matrix, _ in views.values()}
+    rotations = {leaf: view for leaf, view in views.items() if unproven[view[0]] is None}
     generator = torch.Generator().manual_seed(0)
     try:
-        relevant = [leaf for leaf in leaves if _influences(leaf, x, exit_node, members, lead_rank, generator)]
+        relevant = [leaf for leaf in leaves
+                    if _influences(leaf, x, exit_node, members, lead_rank, generator, rotations)]
     except _NoMatch:
         return None
     tables = []
@@ -488,10 +503,28 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
         if not isinstance(val, torch.Tensor):
             return None
         tables.append(leaf)
-    axes = [_head_axes(fake_value(t), x_val, lead_rank) for t in tables]
-    common = [axis for axis in axes[0] if all(axis in a for a in axes)] if axes else []
-    if head_axis is not None:
-        common = [axis for axis in common if axis == head_axis]
+    matrices = {views[leaf][0] for leaf in tables if leaf in views}
+    if matrices:
+        if len(matrices) != 1 or not all(leaf in views for leaf in tables):
+            return None
+        (matrix,) = matrices
+        if unproven[matrix] is not None:
+            return unproven[matrix]
+        # the tables the op gets: M[..., 0, 0] (cos) and M[..., 1, 0] (sin), one entry per pair
+        shape = fake_value(matrix).shape[:-2]
+        common = _common_axes([_head_axes(shape, x_val, lead_rank)], head_axis)
+        if not common:
+            return None
+        length = _concrete(shape[-1]) or 0
+        candidates = [((matrix, (0, 0)), (matrix, (1, 0)), style, 2 * length) for style in ("interleaved", "neox")]
+        candidates = [c for c in candidates if 0 < c[3] <= head_dim]
+        for cos, sin, style, rope_dim in candidates:
+            if all(_agrees(x, exit_node, members, lead_rank, cos, sin, style, rope_dim, seed, rotations)
+                   for seed in (1, 2)):
+                return cos, sin, style, rope_dim, common
+        return None
+    axes = [_head_axes(fake_value(t).shape, x_val, lead_rank) for t in tables]
+    common = _common_axes(axes, head_axis)
     if not common:
         return None  # the tables vary along every lead dim: per head
     if len(tables) == 1 and fake_value(tables[0]).is_complex():
@@ -518,6 +551,146 @@ def _identify_rotation(x: fx.Node, exit_node: fx.Node, members: list[fx.Node], l
     return None
 
 
+# --- 2x2 rotation-matrix tables (issue 12 class D: HiDream, PRX) ----------------------------------
+# ``freqs = stack([cos, -sin, sin, cos], -1).view(..., L, 2, 2)``, applied as
+# ``freqs[..., 0] * x_[..., 0] + freqs[..., 1] * x_[..., 1]`` with ``x_ = x.reshape(..., L, 1, 2)``.
+
+_NOT_A_ROTATION = "the 2x2 matrix table is not proven a rotation [[cos, -sin], [sin, cos]]"
+_ROTATION_VIEWS = (aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.slice.Tensor, aten.expand.default,
+                   aten.permute.default, *_VIEWS)
+
+
+def _is_2x2(node: Any) -> bool:
+    val = fake_value(node) if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() >= 3 and [_concrete(n) for n in val.shape[-2:]] == [2, 2]
+
+
+def _matrix_view(leaf: fx.Node) -> tuple[fx.Node, list[tuple[int, int]]] | None:
+    """(M, selects) where ``leaf`` is an entry view of a table M [..., L, 2, 2]: M itself, or selects along M's
+    last two dims (``selects``: (dim counted from the end, index) in the order applied to M); else None."""
+    chain = []  # (input, dim of the input, index), from the leaf back
+    node = leaf
+    while len(chain) < 3:
+        if node.target is aten.select.int:
+            source, dim, index = node.args[0], node.args[1], node.args[2]
+        elif (node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+              and node.args[0].target is aten.unbind.int):
+            source, index = node.args[0].args[0], node.args[1]
+            dim = node.args[0].args[1] if len(node.args[0].args) > 1 else 0
+        else:
+            break
+        rank = fake_value(source).dim()
+        chain.append((source, dim % rank - rank, index))
+        node = source
+    if not _is_2x2(node) or len(chain) > 2:
+        return None
+    selects = [(dim, index) for _, dim, index in reversed(chain)]
+    # the first select takes a row or a column of each matrix; a second one the entry (then the last dim)
+    if not all(dim >= -2 for dim, _ in selects) or (len(selects) == 2 and selects[1][0] != -1):
+        return None
+    return node, selects
+
+
+def _unproven_rotation(table: fx.Node) -> str | None:
+    """Why the table M [..., L, 2, 2] is not proven to be [[c, -s], [s, c]] entry by entry; None if it is.
+
+    Proven structurally, from the graph: M is ``stack([c, -s, s, c], -1)`` viewed as [..., 2, 2] (post-grad:
+    a cat of the entries unsqueezed), then maybe cast (a rounding keeps the equal entries equal and the
+    negated one negated), reshaped, concatenated along a lead dim with other such matrices (HiDream's
+    per-axis tables), sliced, expanded or unsqueezed along lead dims. c and s are cos and sin of one angle,
+    or tables that the graph reads (inputs, constants). A constant M (folded by fold_invariant) is checked
+    on its values. A graph input M proves nothing: it declines."""
+    node = _strip_casts(table)
+    if node.op == "placeholder":
+        return "the 2x2 rotation-matrix table is a graph input: it cannot be proven a rotation"
+    if node.op == "get_attr":
+        return _rotation_values(node)
+    if node.op != "call_function":
+        return _NOT_A_ROTATION
+    rank = fake_value(node).dim()
+    args = node.args
+    if node.target is aten.cat.default:
+        if (args[1] if len(args) > 1 else 0) % rank >= rank - 2:
+            return _NOT_A_ROTATION
+        return next((reason for part in args[0] if (reason := _unproven_rotation(part)) is not None), None)
+    if node.target not in _ROTATION_VIEWS or not isinstance(args[0], fx.Node):
+        return _NOT_A_ROTATION
+    source = args[0]
+    if node.target in _VIEWS and not _is_2x2(source):
+        # [..., 4] -> [..., 2, 2] (row-major: flat order kept): the stack of the four entries
+        return _unproven_stack(source) if _concrete(fake_value(source).shape[-1]) == 4 else _NOT_A_ROTATION
+    if not _is_2x2(source) or not _keeps_matrices(node, rank):
+        return _NOT_A_ROTATION
+    return _unproven_rotation(source)
+
+
+def _keeps_matrices(node: fx.Node, rank: int) -> bool:
+    """Whether a view of a [..., 2, 2] tensor to a [..., 2, 2] one moves lead dims only."""
+    args, in_rank = node.args, fake_value(node.args[0]).dim()
+    if node.target in _VIEWS:
+        return True  # row-major: each run of four elements stays one matrix, in order
+    if node.target is aten.unsqueeze.default:
+        return args[1] % rank < rank - 2
+    if node.target in (aten.squeeze.dim, aten.select.int, aten.slice.Tensor):
+        return (args[1] if len(args) > 1 else 0) % in_rank < in_rank - 2
+    if node.target is aten.expand.default:
+        return [_concrete(n) for n in list(args[1])[-2:]] in ([2, 2], [-1, -1], [2, -1], [-1, 2])
+    return [d % rank for d in args[1]][-2:] == [rank - 2, rank - 1]  # permute
+
+
+def _unproven_stack(node: fx.Node) -> str | None:
+    """Why ``node`` [..., 4] is not proven to be stack([c, -s, s, c], -1); None if it is."""
+    node = _strip_casts(node)
+    rank = fake_value(node).dim()
+    if node.target not in (aten.stack.default, aten.cat.default) or len(node.args[0]) != 4:
+        return _NOT_A_ROTATION
+    if (node.args[1] if len(node.args) > 1 else 0) % rank != rank - 1:
+        return _NOT_A_ROTATION
+    entries = list(node.args[0])
+    if node.target is aten.cat.default:  # stack as decomposed: each entry unsqueezed at the end
+        if not all(e.target is aten.unsqueeze.default and e.args[1] % rank == rank - 1 for e in entries):
+            return _NOT_A_ROTATION
+        entries = [e.args[0] for e in entries]
+    c, minus_s, s, c_again = entries
+    negated = minus_s.target is aten.neg.default or (
+        minus_s.target in (aten.mul.Tensor, aten.mul.Scalar) and _scalar(minus_s.args[1]) == -1)
+    if not (_same_value(c, c_again, 4) and negated and _same_value(minus_s.args[0], s, 4)):
+        return _NOT_A_ROTATION + " (entries in the wrong places or with the wrong signs)"
+    c, s = _strip_casts(c), _strip_casts(s)
+    if c.target is aten.cos.default and s.target is aten.sin.default:
+        if _same_value(c.args[0], s.args[0], 4):
+            return None
+        return _NOT_A_ROTATION + " (cos and sin of different angles)"
+    if all(t.op in ("placeholder", "get_attr") for t in (c, s)):
+        return None  # the graph's own cos/sin tables, placed as a rotation
+    return _NOT_A_ROTATION + " (its entries are not cos and sin of one angle)"
+
+
+def _rotation_values(node: fx.Node) -> str | None:
+    """A constant M [..., 2, 2] checked on its values: M[..., 1, 1] == M[..., 0, 0], M[..., 0, 1] ==
+    -M[..., 1, 0] exactly, and c^2 + s^2 = 1 within the rounding of its dtype (a rotation, not scaled)."""
+    value: Any = node.graph.owning_module
+    for part in node.target.split("."):
+        value = getattr(value, part, None)
+    if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter) or not value.is_floating_point():
+        return "the 2x2 rotation-matrix table is a parameter: it cannot be proven a rotation"
+    with compat.unset_fake_temporarily():
+        m = value.detach()
+        c, s = m[..., 0, 0], m[..., 1, 0]
+        if not (torch.equal(m[..., 1, 1], c) and torch.equal(m[..., 0, 1], -s)):
+            return _NOT_A_ROTATION + " (a constant with other entries)"
+        norm_error = (c.double() ** 2 + s.double() ** 2 - 1).abs().max().item() if m.numel() else 0.0
+    if norm_error > 4 * torch.finfo(m.dtype).eps:
+        return _NOT_A_ROTATION + " (a constant whose cos^2 + sin^2 is not 1: scaled)"
+    return None
+
+
+def _common_axes(axes: list[list[int]], head_axis: int | None) -> list[int]:
+    """The head axes every table admits (``head_axis``: the one the graph fixed, if any)."""
+    common = [axis for axis in axes[0] if all(axis in a for a in axes)] if axes else []
+    return [axis for axis in common if head_axis is None or axis == head_axis]
+
+
 def _derived_from(node: fx.Node, x: fx.Node, position: dict[fx.Node, int]) -> bool:
     # Only nodes after x can depend on it: the search stays between x and the node.
     stack, seen = [node], set()
@@ -532,12 +705,12 @@ def _derived_from(node: fx.Node, x: fx.Node, position: dict[fx.Node, int]) -> bo
     return False
 
 
-def _head_axes(table: torch.Tensor, x: torch.Tensor, lead_rank: int) -> list[int]:
-    """The lead dims of x that can be the heads for this table: right-aligned with x's lead + [L], it has
+def _head_axes(table: Any, x: torch.Tensor, lead_rank: int) -> list[int]:
+    """The lead dims of x that can be the heads for a table of shape ``table``: right-aligned with x's lead + [L], it has
     size 1 there and size 1 or x's size at the other (token) dims. Heads are where models put them: [..., S, H, D]
     first, then [B, H, S, D] or [H, S, D]; never the batch dim of [B, ...] (tables that vary along both other
     dims vary per head)."""
-    lead = list(table.shape[:-1])
+    lead = list(table[:-1])
     x_lead = list(x.shape[:lead_rank])
     if len(lead) > len(x_lead) or not all(_same(t, 1) or _same(t, s) for t, s in zip(lead[::-1], x_lead[::-1])):
         return []
@@ -550,16 +723,16 @@ class _NoMatch(Exception):
     pass
 
 
-def _influences(leaf, x, exit_node, members, lead_rank, generator) -> bool:
+def _influences(leaf, x, exit_node, members, lead_rank, generator, rotations) -> bool:
     """Whether the leaf's values reach the exit (a NaN planted in it shows up there)."""
-    rows = _evaluate(x, exit_node, members, lead_rank, generator, poison=leaf)
+    rows = _evaluate(x, exit_node, members, lead_rank, generator, rotations, poison=leaf)
     return bool(torch.isnan(torch.view_as_real(rows) if rows.is_complex() else rows).any())
 
 
-def _agrees(x, exit_node, members, lead_rank, cos, sin, style, rope_dim, seed) -> bool:
+def _agrees(x, exit_node, members, lead_rank, cos, sin, style, rope_dim, seed, rotations=None) -> bool:
     generator = torch.Generator().manual_seed(seed)
     leaf_rows: dict = {}
-    got = _evaluate(x, exit_node, members, lead_rank, generator, leaf_rows=leaf_rows)
+    got = _evaluate(x, exit_node, members, lead_rank, generator, rotations, leaf_rows=leaf_rows)
     x_row = leaf_rows[x]
 
     def table(spec):
@@ -567,6 +740,8 @@ def _agrees(x, exit_node, members, lead_rank, cos, sin, style, rope_dim, seed) -
         row = leaf_rows.get(node)
         if row is None:
             return None
+        if isinstance(part, tuple):  # an entry of a rotation-matrix table
+            return row[..., part[0], part[1]].reshape(-1)
         row = row.reshape(-1)
         return row if part is None else (row.real if part == 0 else row.imag)
 
@@ -577,8 +752,11 @@ def _agrees(x, exit_node, members, lead_rank, cos, sin, style, rope_dim, seed) -
     return got.shape == x_row.shape and torch.allclose(got, want.reshape(got.shape), rtol=1e-9, atol=1e-9)
 
 
-def _evaluate(x, exit_node, members, lead_rank, generator, poison=None, leaf_rows=None):
-    """The exit's value on one head row, in float64, from random x and leaf rows."""
+def _evaluate(x, exit_node, members, lead_rank, generator, rotations=None, poison=None, leaf_rows=None):
+    """The exit's value on one head row, in float64, from random x and leaf rows. ``rotations``: leaves that
+    are entries of a proven rotation-matrix table, {leaf: (table, selects)}; the table's row is drawn as
+    [[c, -s], [s, c]] and the leaves' rows are its entries."""
+    rotations = rotations or {}
     rows: dict[fx.Node, Any] = {}
     leaf_rows = {} if leaf_rows is None else leaf_rows
     x_val = fake_value(x)
@@ -596,6 +774,17 @@ def _evaluate(x, exit_node, members, lead_rank, generator, poison=None, leaf_row
             if not isinstance(val, torch.Tensor):
                 raise _NoMatch
             tail = _concrete_shape(val.shape[max(0, val.dim() - tail_rank):])
+            if arg not in leaf_rows and arg in rotations:
+                matrix, selects = rotations[arg]
+                if matrix not in leaf_rows:
+                    matrix_val = fake_value(matrix)
+                    matrix_tail = _concrete_shape(matrix_val.shape[max(0, matrix_val.dim() - tail_rank - len(selects)):])
+                    c, s = (torch.randn(matrix_tail[:-2], generator=generator, dtype=torch.float64) for _ in "cs")
+                    leaf_rows[matrix] = torch.stack([c, -s, s, c], -1).reshape(matrix_tail)
+                row = leaf_rows[matrix]
+                for dim, index in selects:
+                    row = row.select(dim, index)
+                leaf_rows[arg] = torch.full_like(row, float("nan")) if arg is poison else row
             if arg not in leaf_rows:
                 dtype = torch.complex128 if val.is_complex() else torch.float64
                 leaf_rows[arg] = torch.randn(tail, generator=generator, dtype=dtype)
@@ -935,7 +1124,10 @@ def _weight_1d(norm: _Norm, origin: fx.Node, call) -> fx.Node | None:
 def _table_as_bs1L(spec: Any, order: list[int], rows: tuple | None, origin: fx.Node, call) -> fx.Node:
     """The table as the op takes it; ``rows``: (dim, start, end) of the heads tensor, a joint-attention segment."""
     node, part = spec if isinstance(spec, tuple) else (spec, None)
-    if part is not None:
+    if isinstance(part, tuple):  # M[..., i, j] of a rotation-matrix table M [..., L, 2, 2]
+        node = call(aten.select.int, (node, -2, part[0]), origin)
+        node = call(aten.select.int, (node, -1, part[1]), origin)
+    elif part is not None:
         node = call(aten.view_as_real.default, (node,), origin)
         node = call(aten.select.int, (node, -1, part), origin)
     # Right-aligned with the heads tensor's lead dims + [L], in the op's order; the kernel wants [B, S, 1, L].

@@ -310,3 +310,128 @@ def test_gpu_forms_against_eager(form):
         stock_error = (ref.double() - ref64).abs().max()
         assert (got.double() - ref64).abs().max() <= 1.25 * stock_error + 1e-3  # never less accurate
         assert (got.double() - ref.double()).abs().max() <= 2.25 * stock_error + 1e-3
+
+
+# --- Class D: 2x2 rotation-matrix tables (HiDream, PRX) ------------------------------------------------
+# freqs = stack([cos, -sin, sin, cos], -1).view(..., D/2, 2, 2), applied as freqs[..., 0] * x_[..., 0] +
+# freqs[..., 1] * x_[..., 1]: fused once the matrix is proven a rotation, with its cos and sin entries as tables.
+
+
+def rope_matrix(pos, dim, theta=10000.0, entries=None, dtype=torch.float64):
+    # HiDream's rope(): angles in float64, the matrix rounded to float32
+    omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype) / dim)
+    angle = pos.to(dtype)[..., None] * omega
+    cos, sin = angle.cos(), angle.sin()
+    stacked = torch.stack(entries(cos, sin) if entries else [cos, -sin, sin, cos], -1)
+    return stacked.view(*angle.shape, 2, 2).float()
+
+
+def hidream_matrix(pos, axes=(4, 6, 6)):  # HiDreamImageEmbedND: per-axis matrices concatenated, [B, S, 1, L, 2, 2]
+    return torch.cat([rope_matrix(pos[..., i], d) for i, d in enumerate(axes)], -3).unsqueeze(2)
+
+
+def apply_rope_matrix(x, freqs):  # HiDream's apply_rope, one tensor
+    x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    out = freqs[..., 0] * x_[..., 0] + freqs[..., 1] * x_[..., 1]
+    return out.reshape(*x.shape).type_as(x)
+
+
+def matrix_front(make=hidream_matrix, apply=apply_rope_matrix, normed=True):
+    def front(q, k, wq, wk, pos):
+        freqs = make(pos)
+        nq, nk = (norm(q, wq), norm(k, wk)) if normed else (q, k)
+        return apply(nq, freqs), apply(nk, freqs)
+
+    return front
+
+
+def positions(B, S, seed=4):
+    return (rand(B, S, 3, seed=seed) * 8).round()
+
+
+@INDUCTOR
+@DTYPES
+def test_class_d_rotation_matrix_fires(dtype, inductor):
+    args = bshd_args(2, 5, 4, 2, 16, dtype) + (positions(2, 5),)
+    check(matrix_front(), args, inductor=inductor, dtype=dtype)
+
+
+@INDUCTOR
+def test_class_d_across_heads_norm(inductor):
+    # HiDream's attention: nn.RMSNorm over H*D, .to(dtype), the head split, then apply_rope
+    H, D = 2, 16
+
+    def front(q, k, wq, wk, pos):
+        freqs = hidream_matrix(pos)
+        q = norm_upcast(q, wq).view(q.shape[0], -1, H, D)
+        k = norm_upcast(k, wk).view(k.shape[0], -1, H, D)
+        return apply_rope_matrix(q, freqs), apply_rope_matrix(k, freqs)
+
+    args = (rand(1, 6, H * D), rand(1, 6, H * D, seed=1), rand(H * D, seed=2), rand(H * D, seed=3), positions(1, 6))
+    check(front, args, inductor=inductor)
+
+
+def test_class_d_constant_matrix_fires():
+    # positions built in the graph: fold_invariant folds the matrix into a constant, checked on its values
+    def front(q, k, wq, wk):
+        pos = torch.arange(q.shape[1], dtype=torch.float32)[None, :, None].expand(1, -1, 3)
+        return matrix_front()(q, k, wq, wk, pos)
+
+    check(front, bshd_args(1, 5, 2, 2, 16, torch.float32))
+
+
+def test_class_d_cos_sin_tables_placed_as_a_matrix():
+    # the graph's own cos/sin tables (inputs) placed with the right signs and positions
+    def front(q, k, wq, wk, cos, sin):
+        freqs = torch.stack([cos, -sin, sin, cos], -1).view(*cos.shape, 2, 2)
+        return apply_rope_matrix(norm(q, wq), freqs), apply_rope_matrix(norm(k, wk), freqs)
+
+    angle = rand(1, 5, 1, 8, seed=5) * 3
+    check(front, bshd_args(1, 5, 2, 2, 16, torch.float32) + (angle.cos(), angle.sin()))
+
+
+def matrix_near_misses():
+    def angles(entries):
+        return lambda pos: rope_matrix(pos[..., 0], 16, entries=entries).unsqueeze(2)
+
+    def transposed(x, freqs):  # x @ M instead of M @ x: the rotation by minus the angle
+        x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+        out = freqs[..., 0, :] * x_[..., 0] + freqs[..., 1, :] * x_[..., 1]
+        return out.reshape(*x.shape).type_as(x)
+
+    return {
+        "wrong sign": (matrix_front(angles(lambda c, s: [c, s, s, c])), "rotation"),
+        "swapped entries": (matrix_front(angles(lambda c, s: [c, s, -s, c])), "rotation"),
+        "cos and sin swapped": (matrix_front(angles(lambda c, s: [s, -c, c, s])), "rotation"),
+        "different angles": (matrix_front(angles(lambda c, s: [c, -(2 * s.asin()).sin(), (2 * s.asin()).sin(), c])),
+                             "rotation"),
+        "scaled matrix": (matrix_front(lambda pos: 2 * hidream_matrix(pos)), "rotation"),
+        "applied transposed": (matrix_front(apply=transposed), None),
+        "no norm": (matrix_front(normed=False), None),
+    }
+
+
+@pytest.mark.parametrize("name", list(matrix_near_misses()))
+def test_class_d_near_misses_decline(name):
+    fn, reason = matrix_near_misses()[name]
+    result = check(fn, bshd_args(1, 5, 2, 2, 16, torch.float32) + (positions(1, 5),), fires=0)
+    if reason:
+        reasons = [d.reason for d in result.report.declines if d.pass_name == "qk_norm_rope"]
+        assert any(reason in r for r in reasons), reasons
+
+
+def test_class_d_matrix_as_graph_input_declines():
+    def front(q, k, wq, wk, freqs):
+        return apply_rope_matrix(norm(q, wq), freqs), apply_rope_matrix(norm(k, wk), freqs)
+
+    result = check(front, bshd_args(1, 5, 2, 2, 16, torch.float32) + (hidream_matrix(positions(1, 5)),), fires=0)
+    assert any("graph input" in d.reason for d in result.report.declines), result.report.declines
+
+
+def test_class_d_constant_scaled_matrix_declines():
+    def front(q, k, wq, wk):
+        pos = torch.arange(q.shape[1], dtype=torch.float32)[None, :, None].expand(1, -1, 3)
+        return matrix_front(lambda p: 2 * hidream_matrix(p))(q, k, wq, wk, pos)
+
+    result = check(front, bshd_args(1, 5, 2, 2, 16, torch.float32), fires=0)
+    assert any("rotation" in d.reason for d in result.report.declines), result.report.declines

@@ -30,7 +30,7 @@ FIRES = {
     "allegro": 0,  # no q/k norm
     "mochi": 0,  # a graph break between the norm and the rotation (data-dependent token selection)
     "lumina2": 0,  # complex128 freqs: the rotation is float64 (class E declines)
-    "hidream": 0,  # 2x2 rotation matrices (class D) not recognised yet
+    "hidream": 0,  # class D is recognised, but the MoE's graph break makes freqs a graph input (unprovable)
     "sd3": 0,  # negative controls: no RoPE
     "pixart": 0,
     "sana": 0,
