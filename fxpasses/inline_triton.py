@@ -20,7 +20,9 @@ result is not first written to a buffer of its own and then copied; this is what
 Inductor does with the stock rotation's elementwise code. The cat's value is the
 same: every element of the block is written by the kernel. Only where the block is
 one dense run of the cat's buffer laid out as the op's output (every dim before the
-cat's is 1, all of it contiguous, one dtype); else the output gets its own buffer.
+cat's is 1, all of it contiguous, one dtype) and where no other operand of the cat is
+computed from the op (the buffer would need the launch that fills it); else the output
+gets its own buffer.
 
 Preconditions (else the op call stays, with the reason in the report):
 
@@ -44,7 +46,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from .fx_utils import ORDER_KEEPING_VIEWS, RESHAPES, fake_value, same_layout, topological_sort
+from .fx_utils import ORDER_KEEPING_VIEWS, fake_value, is_view, same_layout, topological_sort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +135,23 @@ def _cat_exit(node: fx.Node, index: int, out: torch.Tensor) -> _CatExit | None:
         and all(size == 1 for size in result.shape[:dim])
     ):
         return None
+    if any(_depends_on(a, node) for a in cat.args[0] if a is not end):  # the buffer would need the launch
+        return None
     before = sum(v.shape[dim] for v in operands[: cat.args[0].index(end)])
     return _CatExit(cat, tuple(chain), before * result.stride(dim))
+
+
+def _depends_on(value: Any, node: fx.Node) -> bool:
+    """Whether ``value`` is computed from ``node``."""
+    todo, seen = [value], set()
+    while todo:
+        current = todo.pop()
+        if current is node:
+            return True
+        if isinstance(current, fx.Node) and current not in seen:
+            seen.add(current)
+            todo.extend(current.all_input_nodes)
+    return False
 
 
 def _zeros_in_place_of(graph: fx.Graph, exit: _CatExit) -> fx.Node:
@@ -158,9 +175,8 @@ def _inline(graph: fx.Graph, node: fx.Node, launch: _Launch) -> int:
     its outputs it writes into the cat that reads them."""
     arg_nodes = [a for a in node.args if isinstance(a, fx.Node)]
     results = fake_value(node)
+    # (two outputs read by one cat: each is the other's operand that depends on the launch, so neither exits)
     exits = [_cat_exit(node, i, out) for i, out in enumerate(results)]
-    if len({exit.cat for exit in exits if exit is not None}) < sum(exit is not None for exit in exits):
-        exits = [exits[0], *[None] * (len(exits) - 1)]  # one buffer per cat: the first output fills it
     buffers = [None if exit is None else _zeros_in_place_of(graph, exit) for exit in exits]
     in_place = tuple(
         exit is None and _owned_like(node.args[i], out) for i, out, exit in zip(launch.inputs_of_outputs, results, exits)
@@ -195,9 +211,9 @@ def _owned_like(arg: Any, out: torch.Tensor) -> bool:
     while isinstance(node, fx.Node):
         if node.op != "call_function" or len(node.users) != 1:
             return False
-        if node.target not in RESHAPES:
+        if not is_view(node):  # the buffer itself: a computed intermediate
             break
-        node = node.args[0]
+        node = node.args[0]  # a view (a reshape, a permute...): its base must be owned too
     return isinstance(node, fx.Node) and same_layout(arg, out) and fake_value(arg).storage_offset() == 0
 
 

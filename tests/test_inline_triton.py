@@ -182,3 +182,38 @@ def test_inductor_off_numerics():
     for got, want in zip(result.output, eager):
         assert got.stride() == want.stride()
         torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "why, tail",
+    [
+        ("the cat's other operand is computed from the op's other output", lambda q, k: torch.cat([torch.tanh(q), k], 0)),
+        ("both outputs go into one cat", lambda q, k: torch.cat([q, k], 0)),
+    ],
+)
+def test_a_cat_that_needs_the_launch_keeps_the_outputs_buffers(monkeypatch, why, tail):
+    def layer(q, k, wq, wk, cos, sin):  # both rotated, then the tail's cat
+        q = F.rms_norm(q, (q.shape[-1],), wq, 1e-6)
+        k = F.rms_norm(k, (k.shape[-1],), wk, 1e-6)
+        return tail(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)
+
+    q, k, _, wq, wk, cos, sin = prefix_inputs("cpu", torch.float32, H=2, Hk=2)
+    result, launch = _rewritten_on_fake_cpu(monkeypatch, layer, (q, k, wq, wk, cos, sin))  # strict: raising fails
+    assert result.report.matches("inline_triton") == 1, why
+    params = launch.kwargs["kwargs"]
+    assert params["qo_off"] == params["ko_off"] == 0, why
+    assert not any("written into the cat" in r.by for r in result.report.rewrites), why
+
+
+def test_a_view_of_a_graph_input_is_never_written_over(monkeypatch):
+    def bhsd(q, k, wq, wk, cos, sin):  # [B, H, S, D] inputs, rotated as [B, S, H, D] views of them
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = F.rms_norm(q, (q.shape[-1],), wq, 1e-6)
+        k = F.rms_norm(k, (k.shape[-1],), wk, 1e-6)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    q, k, _, wq, wk, cos, sin = prefix_inputs("cpu", torch.float32, batch=(1,), H=4, Hk=4)
+    result, launch = _rewritten_on_fake_cpu(monkeypatch, bhsd, (q.transpose(1, 2), k.transpose(1, 2), wq, wk, cos, sin))
+    params = launch.kwargs["kwargs"]
+    for out, inp in (("qo_ptr", "q_ptr"), ("ko_ptr", "k_ptr")):
+        assert params[out] is not params[inp], "the op's output must not alias a graph input"
