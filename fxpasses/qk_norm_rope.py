@@ -36,6 +36,10 @@ How it matches (around the math, not one model's source):
 4. Joint attention: normed segments concatenated along the tokens, then
    rotated, are fused per segment (one call each, its rows of the tables),
    the outputs concatenated as stock concatenated the normed segments.
+   Token slices: a norm over all tokens, then RoPE of one run of them put back by
+   ``slice_scatter`` or ``cat`` (CogVideoX/CogView4's processors, HunyuanVideo's single block): the
+   rotated rows are one fused call, the unrotated rows the stock norm's ops on their rows, concatenated in
+   token order with the stock result's strides.
 5. q and k sites that read the same tables the same way are paired and
    replaced by one call.
 
@@ -49,6 +53,9 @@ Preconditions (else no rewrite):
 - Ops in the rotation act on the head's channels only; tables broadcast over
   heads (size 1 at the head dim) and over the tokens; their length gives the
   rotated width (rope_dim or rope_dim / 2 entries).
+- Token slices: the norm's output is used by the slice and the assembly only, the slice is along a
+  token dim with step 1 and static bounds, the rows go back where they were taken from, and q and k
+  rotate the same tokens.
 - The q and k sites read the same table tensors and get the same layout, and
   the fused call can be placed before every consumer of both outputs.
 - The stock result has the strides the op's (permuted) outputs get; the
@@ -97,7 +104,7 @@ class _Site:
     norm: _Norm
     norm_over: str  # "head" | "hidden"
     x: fx.Node  # the normed tensor as heads: lead dims (tokens and heads, in any order) + [D]
-    path: list[fx.Node]  # the head split and transposes from the norm's output to x (views, in order)
+    path: list[fx.Node]  # the head split, transposes and token slice from the norm's output to x (in order)
     head_axes: list[int]  # which of x's lead dims can be the heads (tables broadcast there), best first
     exit: fx.Node
     region: list[fx.Node]
@@ -108,6 +115,11 @@ class _Site:
     # Joint attention: x is cat([norm outputs], cat_dim), a token dim; segments are those norms, in order.
     segments: list[_Norm] = dataclasses.field(default_factory=list)
     cat_dim: int | None = None
+    # Token slice: only the tokens [start, end) of ``dim`` rotated (x is that slice of the norm's output), the
+    # rows put back among the unrotated ones by ``assembly`` (slice_scatter or cat), the result replaced.
+    token_slice: tuple[int, int, int] | None = None  # (dim, start, end), concrete
+    assembly: fx.Node | None = None
+    unrotated: list[fx.Node] = dataclasses.field(default_factory=list)  # the cat's slices of unrotated tokens
 
     @property
     def norms(self) -> list[_Norm]:
@@ -165,7 +177,10 @@ class QKNormRope(GraphPass):
                 reasons[i] = reasons[j] = reason
         for i, site in enumerate(sites):
             if i not in used:
-                log.decline(site.exit, reasons.get(i, "RMSNorm + RoPE with no q/k partner reading the same tables"))
+                unpaired = "RMSNorm + RoPE with no q/k partner reading the same tables"
+                if site.token_slice is not None:
+                    unpaired += " and rotating the same tokens"
+                log.decline(site.exit, reasons.get(i, unpaired))
 
 
 # --- shapes (dims may be symbolic: batch and tokens often are) -------------------
@@ -319,6 +334,9 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int], norm_of: dict[fx.Node
     joint = _joint_cat(norm, norm_of)
     if joint is not None:
         return _match_joint(norm, joint, norm_of, position)
+    sliced = _match_token_slice(norm, position)
+    if sliced is not None:
+        return sliced
     candidates = []  # (x, norm_over, path, head axis of x when the path fixes it)
     if len(users) == 1 and users[0].target in _VIEWS:
         # Across heads: a view splits the normed [..., H*D] into [..., H, D].
@@ -412,6 +430,95 @@ def _match_joint(norm: _Norm, cat: fx.Node, norm_of: dict[fx.Node, _Norm], posit
             return _Site(norm, "head", cat, [], axes, exit_node, members, *rotation, segments=segments,
                          cat_dim=cat_dim)
     return kept
+
+
+def _slice_bounds(node: fx.Node, rank: int, length_of: Callable[[int], int | None]):
+    """(dim, start, end, step) of ``aten.slice.Tensor`` / ``slice_scatter``'s slice, start and end clamped
+    into [0, length] as Python's slicing does; None where the length is not known at compile time."""
+    offset = 2 if node.target is aten.slice_scatter.default else 1
+    dim, start, end, step = (list(node.args[offset:]) + [0, None, None, 1][len(node.args) - offset:])[:4]
+    dim = dim % rank
+    length = length_of(dim)
+    if length is None or not all(v is None or isinstance(v, int) for v in (start, end, step)):
+        return None
+    start, end, _ = slice(start, end).indices(length)
+    return dim, start, max(start, end), step
+
+
+def _match_token_slice(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str | None:
+    """RMSNorm over all tokens, then RoPE of one run of tokens only (CogVideoX, CogView4:
+    ``q[:, :, text:] = rope(q[:, :, text:])``, post-grad ``slice_scatter(N, rope(N[:, :, text:]), 2, text)``;
+    HunyuanVideo: ``cat([rope(N[:, :, :-text]), N[:, :, -text:]], 2)``). None where the norm's output is not
+    used that way; the reason (a str) where it is but cannot be fused."""
+    out = norm.out
+    out_val = fake_value(out)
+    rank = out_val.dim()
+    # a slice only copied into is the destination of ``q[...] = ...`` (the slice_scatter says where it goes)
+    users = [u for u in out.users if not (u.target is aten.slice.Tensor and u.users and all(
+        c.target is aten.copy.default and c.args[0] is u for c in u.users))]
+    slices = [u for u in users if u.target is aten.slice.Tensor and u.args[0] is out]
+    scatters = [u for u in users if u.target is aten.slice_scatter.default and u.args[0] is out]
+    if rank not in (3, 4) or len(users) != 2 or not (len(slices) == 2 or (len(slices), len(scatters)) == (1, 1)):
+        return None
+    bounds = {u: _slice_bounds(u, rank, lambda d: _concrete(out_val.shape[d])) for u in users}
+    if any(b is None for b in bounds.values()):
+        return "token slice: the token count is not known at compile time"
+    if any(b[0] >= rank - 1 for b in bounds.values()):
+        return None  # a slice of the channels: partial rotary, not a token slice
+    if any(b[3] != 1 for b in bounds.values()):
+        return "token slice: the rotated tokens are not one contiguous run (slice step != 1)"
+    if scatters:
+        (rotated,), (assembly,) = slices, scatters
+        unrotated = []
+        if bounds[rotated] != bounds[assembly]:
+            return "token slice: the rotated rows are put back at other tokens than they were taken from"
+    else:
+        # the slice read only by the cat is the unrotated one; the other reaches it through the rotation
+        direct = [s for s in slices if len(s.users) == 1 and next(iter(s.users)).target is aten.cat.default]
+        if len(direct) != 1:
+            return None
+        (assembly,) = direct[0].users
+        parts = assembly.args[0]
+        if len(parts) != 2 or direct[0] not in parts:
+            return None
+        cat_dim = (assembly.args[1] if len(assembly.args) > 1 else 0) % rank
+        unrotated = direct
+        (rotated,) = [s for s in slices if s is not direct[0]]
+        (d0, s0, e0, _), (d1, s1, e1, _) = (bounds[rotated], bounds[direct[0]])
+        in_order = (s0, e0, s1, e1) if parts[1] is direct[0] else (s1, e1, s0, e0)
+        length = _concrete(out_val.shape[d0])
+        if not (d0 == d1 == cat_dim and in_order[0] == 0 and in_order[1] == in_order[2] and in_order[3] == length):
+            return "token slice: the cat does not put the tokens back in their order"
+    dim, start, end, _ = bounds[rotated]
+    if start == end:
+        return None
+    rotated_val = fake_value(rotated)
+    region, exits = _grow_region(rotated, position)
+    kept = None
+    for exit_node in reversed(exits):
+        exit_val = fake_value(exit_node)
+        if not isinstance(exit_val, torch.Tensor) or not _same_shape(exit_val.shape, rotated_val.shape):
+            continue
+        puts_back = assembly.args[1] is exit_node if scatters else set(parts) == {exit_node, *unrotated}
+        if set(exit_node.users) != {assembly} or not puts_back:
+            continue  # the rotated rows are not what the assembly puts back
+        members = [n for n in region if position[n] <= position[exit_node]]
+        with compat.unset_fake_temporarily():
+            layout = _identify_rotation(rotated, exit_node, members, rank - 1, position, None)
+        if isinstance(layout, str):
+            kept = layout
+            continue
+        if layout is None:
+            continue
+        *rotation, axes = layout
+        axes = [axis for axis in axes if axis != dim]
+        if not axes:
+            continue
+        kept = _rounding_kept(norm.nodes + members, exit_val.dtype)
+        if kept is None:
+            return _Site(norm, "head", rotated, [rotated], axes, exit_node, members, *rotation,
+                         token_slice=(dim, start, end), assembly=assembly, unrotated=unrotated)
+    return kept or "token slice: the rotated tokens' rows are not a RoPE of the norm's output"
 
 
 def _lead_transpose(node: fx.Node) -> fx.Node | None:
@@ -932,6 +1039,7 @@ def _compatible(q: _Site, k: _Site) -> int | None:
         and fake_value(q.exit).dtype == fake_value(k.exit).dtype
         and fake_value(q.norm.source).dtype == fake_value(k.norm.source).dtype
         and q.cat_dim == k.cat_dim
+        and q.token_slice == k.token_slice
         and [_segment_len(n, q.cat_dim) for n in q.norms] == [_segment_len(n, k.cat_dim) for n in k.norms]
     ):
         return None
@@ -954,7 +1062,7 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, head_axis: int, position: dict
     inputs = [n for site in (q, k) for norm in site.norms for n in (norm.source, norm.weight)]
     inputs += [spec[0] if isinstance(spec, tuple) else spec for spec in (q.cos, q.sin)]
     inputs = [n for n in inputs if n is not None]
-    first_user = min((u for site in (q, k) for u in site.exit.users), key=position.__getitem__)
+    first_user = min((u for site in (q, k) for u in _result(site).users), key=position.__getitem__)
     if not _hoist_before(inputs, first_user, position, set(q.region + k.region)):
         return "an input of k is computed from q's rotated output (or the reverse)"
     anchor = max(inputs, key=position.__getitem__)
@@ -967,16 +1075,19 @@ def _rewrite(graph: fx.Graph, q: _Site, k: _Site, head_axis: int, position: dict
             _erase(graph, inserted)
             return str(error)
     for site, out in zip((q, k), outs):
-        want, got = fake_value(site.exit), fake_value(out)
+        want, got = fake_value(_result(site)), fake_value(out)
         # strides of size-1 dims address nothing
         if not all(_same(size, 1) or _same(a, b) for size, a, b in zip(want.shape, want.stride(), got.stride())):
             _erase(graph, inserted)
             return f"the stock result has strides {tuple(want.stride())}; the fused op would give {tuple(got.stride())}"
     for site, out in zip((q, k), outs):
-        site.exit.replace_all_uses_with(out)
+        _result(site).replace_all_uses_with(out)
     for site in (q, k):
-        erase_dead(graph, site.region + site.path + [n for norm in site.norms for n in norm.nodes])
+        assembly = [site.assembly, *site.unrotated] if site.assembly is not None else []
+        erase_dead(graph, assembly + site.region + site.path + [n for norm in site.norms for n in norm.nodes])
     joint = f", per segment of a cat of {len(q.norms)}" if q.segments else ""
+    if q.token_slice is not None:
+        joint = f", tokens {q.token_slice[1]}:{q.token_slice[2]} of dim {q.token_slice[0]} only"
     log.add(
         q.exit,
         replaced=f"RMSNorm ({q.norm_over}) + {q.rope_style} RoPE (rope_dim {q.rope_dim}) on q and k{joint}",
@@ -1028,9 +1139,54 @@ def _insert_fused(graph, q: _Site, k: _Site, order: list[int], out_dtype: torch.
             if order != list(range(rank)):  # back to the stock layout ([B, H, S, D])
                 out = call(aten.permute.default, (out, [order.index(d) for d in range(rank)]), site.exit)
             per_segment[index].append(out)
+    if q.token_slice is not None:
+        return fused, [_assemble_token_slice(site, outs[0], call) for outs, site in zip(per_segment, (q, k))]
     if q.cat_dim is None:
         return fused, [outs[0] for outs in per_segment]
     return fused, [call(aten.cat.default, (outs, q.cat_dim), site.exit) for outs, site in zip(per_segment, (q, k))]
+
+
+def _result(site: _Site) -> fx.Node:
+    """The node the rewrite replaces: the rotation's exit, or the assembly that puts a token slice back."""
+    return site.exit if site.assembly is None else site.assembly
+
+
+def _assemble_token_slice(site: _Site, rotated: fx.Node, call) -> fx.Node:
+    """The stock result of a token-slice rotation: the fused rows of the rotated tokens, and a plain norm of
+    each run of unrotated tokens (the stock norm's ops on those rows of its input: no rotated row is normed
+    twice), concatenated in token order. The cat is built in the dims' order by the stock result's strides
+    and permuted back, so it has the stock result's strides (checked by the caller). Identity tables (cos 1,
+    sin 0) would not do for the unrotated rows: ``x * 1 + rot(x) * 0`` turns -0.0 into 0.0 and inf into nan."""
+    dim, start, end = site.token_slice
+    norm = site.norm
+    length = _concrete(fake_value(norm.out).shape[dim])
+    pieces = [_norm_rows(norm, (dim, 0, start), site.exit, call)] if start > 0 else []
+    pieces.append(rotated)
+    if end < length:
+        pieces.append(_norm_rows(norm, (dim, end, length), site.exit, call))
+    want = fake_value(site.assembly)
+    rank = want.dim()
+    order = sorted(range(rank), key=lambda d: -want.stride(d))
+    if order != list(range(rank)):
+        pieces = [call(aten.permute.default, (piece, order), site.exit) for piece in pieces]
+    out = call(aten.cat.default, (pieces, order.index(dim)), site.exit)
+    if order != list(range(rank)):
+        out = call(aten.permute.default, (out, [order.index(d) for d in range(rank)]), site.exit)
+    return out
+
+
+def _norm_rows(norm: _Norm, rows: tuple[int, int, int], origin: fx.Node, call) -> fx.Node:
+    """The stock norm's ops on ``rows`` (dim, start, end) of its input: the norm is per row, so this is
+    exactly those rows of the stock norm's output."""
+    mapped = {norm.source: call(aten.slice.Tensor, (norm.source, *rows), origin)}
+    for node in norm.nodes:
+        if node.target is aten.clone.default and node is norm.out:
+            mapped[node] = mapped[node.args[0]]  # a layout copy: the cat lays its rows out
+            continue
+        args = fx.node.map_arg(node.args, lambda n: mapped.get(n, n))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: mapped.get(n, n))
+        mapped[node] = call(node.target, args, origin, kwargs)
+    return mapped[norm.out]
 
 
 def _erase(graph: fx.Graph, nodes: list[fx.Node]) -> None:
@@ -1106,7 +1262,7 @@ def _as_bsHD(norm: _Norm, site: _Site, order: list[int], call) -> fx.Node:
     source = norm.source
     for view in site.path:
         # [..., H*D] -> [..., H, D], and transposes, with the shapes the graph itself uses
-        source = call(view.target, (source, view.args[1]), site.exit)
+        source = call(view.target, (source, *view.args[1:]), site.exit)
     if order != list(range(len(order))):
         source = call(aten.permute.default, (source, order), site.exit)
     if len(order) == 3:  # unbatched tokens [N, H, D] -> [1, N, H, D]

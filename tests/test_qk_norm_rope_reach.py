@@ -24,9 +24,10 @@ def rand(*shape, dtype=torch.float32, seed=0):
     return (torch.randn(*shape, generator=g) + 0.05).to(dtype)
 
 
-def check(fn, args, fires=1, inductor=False, dtype=torch.float32, calls=None):
+def check(fn, args, fires=1, inductor=False, dtype=torch.float32, calls=None, plain_norms=0):
     """Compile ``fn``; assert it fired ``fires`` times (``calls`` fused calls in, default one per rewrite, and
-    two norms out per call), agrees with eager and gives eager's strides."""
+    two norms out per call, ``plain_norms`` norms of unrotated tokens back in), agrees with eager and gives
+    eager's strides."""
     calls = fires if calls is None else calls
     with torch.no_grad():
         result = trace(fn, *args, options={**ON_CPU, "inductor": inductor})
@@ -36,7 +37,7 @@ def check(fn, args, fires=1, inductor=False, dtype=torch.float32, calls=None):
     assert after[FUSED] == calls
     if fires:
         assert before["aten.rsqrt.default"] >= 2 * calls and after["aten.rsqrt.default"] == before[
-            "aten.rsqrt.default"] - 2 * calls, "the fused norms are gone"
+            "aten.rsqrt.default"] - 2 * calls + plain_norms, "the fused norms are gone"
     for got, ref in zip(result.output, want):
         torch.testing.assert_close(got, ref, **TOL[dtype])
         if not inductor:  # Inductor lays out its own outputs; the pass must give eager's
@@ -241,6 +242,137 @@ def test_class_b_near_miss_cat_of_a_normed_and_a_raw_segment():
 
     angle = rand(1, 9, 1, 16, seed=7) * 3
     check(front, joint_args(1, 4, 5, 2, 2, 16) + (angle.cos(), angle.sin()), fires=0)
+
+
+# --- Token slice: norm over all tokens, RoPE of one run of them (CogVideoX/CogView4's processors, HunyuanVideo) -
+
+
+def sliced_in_place(rope, T, q_rows=None, k_rows=None, put_back=None):
+    # CogVideoX's processor: q[:, :, T:] = rope(q[:, :, T:]) after norm_q, [B, H, S, D] (post-grad: slice_scatter)
+    q_rows, k_rows = q_rows or slice(T, None), k_rows or slice(T, None)
+
+    def front(q, k, wq, wk, cos, sin):
+        B, S, H, D = q.shape
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k = norm_upcast(q, wq), norm(k, wk, 1e-5)
+        q[:, :, put_back or q_rows] = rope(q[:, :, q_rows], cos, sin)
+        k[:, :, put_back or k_rows] = rope(k[:, :, k_rows], cos, sin)
+        return q, k
+
+    return front
+
+
+def sliced_cat(rope, T, order=(0, 1)):
+    # HunyuanVideo's single block: the image tokens rotated, the T text tokens after them concatenated unrotated
+    def front(q, k, wq, wk, cos, sin):
+        q, k = norm(q, wq), norm(k, wk)
+        outs = []
+        for x in (q, k):
+            parts = [rope(x[:, :-T], cos, sin), x[:, -T:]]
+            outs.append(torch.cat([parts[i] for i in order], 1))
+        return tuple(outs)
+
+    return front
+
+
+def slice_args(B, S, H, D, L, dtype=torch.float32, seq_axis=1, seed=0):
+    q, k = rand(B, S, H, D, dtype=dtype, seed=seed), rand(B, S, H, D, dtype=dtype, seed=seed + 1)
+    wq, wk = rand(D, dtype=dtype, seed=seed + 2), rand(D, dtype=dtype, seed=seed + 3)
+    angle = rand(L, D, seed=seed + 4) * 3
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    if seq_axis == 1:  # [B, S, H, D] heads: tables [L, 1, D]
+        cos, sin = cos[:, None], sin[:, None]
+    return q, k, wq, wk, cos, sin
+
+
+def slice_counts(result):
+    return count_ops(result.before("qk_norm_rope")), count_ops(result.after("qk_norm_rope"))
+
+
+@INDUCTOR
+@DTYPES
+@pytest.mark.parametrize("rope", [rope_neox, rope_diffusers], ids=["neox", "interleaved_channel"])
+def test_token_slice_in_place_fires(rope, dtype, inductor):
+    T = 3
+    args = slice_args(2, 9, 4, 16, 9 - T, dtype, seq_axis=2)
+    result = check(sliced_in_place(rope, T), args, fires=1, inductor=inductor, dtype=dtype, plain_norms=2)
+    before, after = slice_counts(result)
+    assert before["aten.slice_scatter.default"] == 2 and after["aten.slice_scatter.default"] == 0
+    # the rotations' own cats are gone; q and k are each assembled by one cat along the tokens
+    assert after["aten.cat.default"] == 2
+
+
+@INDUCTOR
+@DTYPES
+def test_token_slice_cat_fires(dtype, inductor):
+    T = 4
+    args = slice_args(1, 10, 2, 16, 10 - T, dtype)
+    check(sliced_cat(rope_diffusers, T), args, fires=1, inductor=inductor, dtype=dtype, plain_norms=2)
+
+
+def test_token_slice_unrotated_rows_are_the_stock_norm_bitwise():
+    # the unrotated tokens keep a plain norm: the stock ops on those rows (not a rotation by cos 1, sin 0,
+    # which would turn -0.0 into 0.0 and inf into nan), so eager's values exactly
+    T = 3
+    q, k, wq, wk, cos, sin = slice_args(2, 9, 2, 16, 9 - T, seq_axis=2)
+    q[0, 0, 0, :] = 0.0
+    q[0, 0, 0, 1] = -0.0
+    fn = sliced_in_place(rope_neox, T)
+    result = check(fn, (q, k, wq, wk, cos, sin), plain_norms=2)
+    with torch.no_grad():
+        want = fn(q, k, wq, wk, cos, sin)
+    for got, ref in zip(result.output, want):
+        assert torch.equal(got[:, :, :T], ref[:, :, :T])
+        assert torch.equal(got[:, :, :T].signbit(), ref[:, :, :T].signbit())
+
+
+def test_token_slice_rows_in_the_middle():
+    # only tokens [2, 7) of 9 rotated: two runs of plain norm around the fused rows
+    args = slice_args(1, 9, 2, 16, 5, seq_axis=2)
+    check(sliced_in_place(rope_neox, 2, q_rows=slice(2, 7), k_rows=slice(2, 7)), args, plain_norms=4)
+
+
+def declines(fn, args):
+    with torch.no_grad():
+        result = trace(fn, *args, options=ON_CPU)
+    assert result.report.matches("qk_norm_rope") == 0
+    torch.testing.assert_close(result.output, fn(*args))
+    return [d.reason for d in result.report.declines if d.pass_name == "qk_norm_rope"]
+
+
+def test_token_slice_near_miss_q_and_k_rotate_other_tokens():
+    # q rotates tokens 3:8, k tokens 4:9 (the same tables, the same count): no pairing
+    args = slice_args(1, 9, 2, 16, 5, seq_axis=2)
+    reasons = declines(sliced_in_place(rope_neox, 3, q_rows=slice(3, 8), k_rows=slice(4, 9)), args)
+    assert any("rotating the same tokens" in r for r in reasons), reasons
+
+
+def test_token_slice_near_miss_strided_tokens():
+    # every other token rotated: not one run of the sequence
+    args = slice_args(1, 9, 2, 16, 3, seq_axis=2)
+    reasons = declines(sliced_in_place(rope_neox, 3, q_rows=slice(3, None, 2), k_rows=slice(3, None, 2)), args)
+    assert any("slice step" in r for r in reasons), reasons
+
+
+def test_token_slice_near_miss_rows_put_back_elsewhere():
+    # the rotation of tokens 3: written to tokens :6
+    args = slice_args(1, 9, 2, 16, 6, seq_axis=2)
+    reasons = declines(sliced_in_place(rope_neox, 3, put_back=slice(None, 6)), args)
+    assert any("other tokens" in r for r in reasons), reasons
+
+
+def test_token_slice_near_miss_cat_reorders_the_tokens():
+    # cat([text, rotated image]) of x[:, :-T] and x[:, -T:]: the tokens come back in another order
+    args = slice_args(1, 10, 2, 16, 6)
+    reasons = declines(sliced_cat(rope_neox, 4, order=(1, 0)), args)
+    assert any("order" in r for r in reasons), reasons
+
+
+def test_token_slice_near_miss_tables_per_head():
+    # tables that vary per head over the rotated tokens: the op takes one table for all heads
+    q, k, wq, wk, _, _ = slice_args(1, 9, 2, 16, 6, seq_axis=2)
+    angle = rand(2, 6, 16, seed=5) * 3  # [H, L, D]
+    declines(sliced_in_place(rope_neox, 3), (q, k, wq, wk, angle.cos(), angle.sin()))
 
 
 # --- Class E: float64 / complex128 tables, q/k in float64 -------------------------------------------

@@ -18,14 +18,16 @@ FIRES = {
     "flux": 2,  # double block (joint: cat of text and image, then RoPE) + single block
     "chroma": 2,
     "flux2": 2,
-    "hunyuan_video": 1,  # the single block; the double block rotates the image tokens only (partial_seq)
+    "hunyuan_video": 2,  # double block; single block: image tokens rotated, text concatenated unrotated
     "qwenimage": 2,  # image and text streams, each with its own tables
     "ltx": 1,  # across-heads norm, per-channel interleaved tables
     "wan": 1,
     "skyreels_v2": 1,
     "cosmos": 1,  # [B, H, S, D] rotation
-    "cogvideox": 0,  # partial_seq: only the image tokens rotate, written in place (q[:, :, text:] = ...)
-    "cogview4": 0,  # the same
+    # Their token-slice RoPE (q[:, :, text:] = rope(q[:, :, text:])) is recognised, but both norm q and k with
+    # nn.LayerNorm (qk_norm="layer_norm" hard-wired in diffusers), not RMSNorm: nothing for the op to fuse.
+    "cogvideox": 0,
+    "cogview4": 0,
     "hunyuan_dit": 0,  # LayerNorm on q and k, not RMSNorm
     "allegro": 0,  # no q/k norm
     "mochi": 0,  # a graph break between the norm and the rotation (data-dependent token selection)
@@ -51,13 +53,13 @@ def test_zoo_fp32(name):
     assert row["error"] <= TOL[torch.float32], row
 
 
-@pytest.mark.parametrize("name", ["flux", "cosmos", "ltx", "qwenimage"])
+@pytest.mark.parametrize("name", ["flux", "cosmos", "ltx", "qwenimage", "hunyuan_video"])
 def test_zoo_bf16(name):
     row = run(name, torch.bfloat16)
     assert row["fired"] == FIRES[name] and row["error"] <= TOL[torch.bfloat16], row
 
 
-@pytest.mark.parametrize("name", ["flux", "cosmos"])
+@pytest.mark.parametrize("name", ["flux", "cosmos", "hunyuan_video"])
 def test_zoo_inductor(name):
     row = run(name, inductor=True)
     assert row["fired"] == FIRES[name] and row["error"] <= TOL[torch.float32], row
@@ -68,5 +70,27 @@ def test_zoo_covers_the_classes():
     with_pattern = [name for name in FIRES if zoo.ZOO[name].forms != ("none",)]
     assert len(with_pattern) >= 10
     fused_forms = {form for name, n in FIRES.items() if n for form in zoo.ZOO[name].forms}
-    assert {"A", "B", "C", "hidden", "complex"} <= fused_forms
+    assert {"A", "B", "C", "hidden", "complex", "partial_seq"} <= fused_forms
     assert any(zoo.ZOO[name].forms == ("none",) for name in FIRES)
+
+
+@pytest.mark.parametrize("name", ["cogvideox", "cogview4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_zoo_token_slice_with_rms_norm(name, dtype):
+    # CogVideoX's and CogView4's own attention processors (norm over all tokens, then
+    # q[:, :, text:] = rope(q[:, :, text:])) with their LayerNorms swapped for RMSNorms: one rewrite per block
+    from diffusers.models.normalization import RMSNorm
+
+    model, kwargs = zoo.ZOO[name].build(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "norm_q", None), torch.nn.LayerNorm)]
+    assert blocks
+    for block in blocks:
+        size = block.norm_q.normalized_shape[0]
+        block.norm_q, block.norm_k = RMSNorm(size, eps=1e-6), RMSNorm(size, eps=1e-6)
+        with torch.no_grad():
+            for norm in (block.norm_q, block.norm_k):
+                norm.weight.copy_(torch.randn(size, generator=g))
+    row = zoo.check(model, kwargs, dtype)
+    assert not row["raised"] and row["fired"] == len(blocks), row
+    assert row["error"] <= TOL[dtype], row
