@@ -158,6 +158,8 @@ def is_pure(node: fx.Node, *, bitwise: bool = False, data_dependent: bool = Fals
         return True
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims", "diffopt"):
         return False
+    if node.is_impure():  # FX's side-effectful ops: runtime asserts (_assert_async, _assert_scalar), prints
+        return False
     if target._schema.is_mutable or _is_random(target) or is_allocation(node):
         return False
     if bitwise and torch.Tag.nondeterministic_bitwise in target.tags:

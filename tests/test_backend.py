@@ -303,3 +303,27 @@ def test_every_run_ends_with_one_cleanup():
     graph.lint()
     # sin moved to right after its input, the rest stays where it was
     assert [n.target for n in graph.nodes if n.op == "call_function"] == [aten.cos.default, aten.sin.default, aten.bernoulli.default]
+
+
+def _asserts_positive_sum(x):
+    torch._assert_async(x.sum() > 0, "sum must be positive")
+    return x * 2
+
+
+def _checks_positive_item(x):
+    torch._check(x.sum().item() > 0)
+    return x * 2
+
+
+@pytest.mark.parametrize("fn", [_asserts_positive_sum, _checks_positive_item], ids=["assert_async", "check"])
+@pytest.mark.parametrize("inductor", [False, True], ids=["aten", "inductor"])
+def test_runtime_asserts_survive_the_cleanup(fn, inductor):
+    """An assert's result is unused, but it is the program's: a compiled call raises where eager does."""
+    bad, good = -torch.rand(8) - 1, torch.rand(8) + 1
+    with pytest.raises(RuntimeError):
+        fn(bad)
+    torch.compiler.reset()
+    compiled = torch.compile(fn, backend="diffopt", options={"inductor": inductor})
+    torch.testing.assert_close(compiled(good), good * 2)
+    with pytest.raises(RuntimeError):
+        compiled(bad)
