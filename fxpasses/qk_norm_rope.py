@@ -413,23 +413,29 @@ def _match_joint(norm: _Norm, cat: fx.Node, norm_of: dict[fx.Node, _Norm], posit
         exit_val = fake_value(exit_node)
         if not isinstance(exit_val, torch.Tensor) or not _same_shape(exit_val.shape, x_val.shape):
             continue
-        members = [n for n in region if position[n] <= position[exit_node]]
-        with compat.unset_fake_temporarily():
-            layout = _identify_rotation(cat, exit_node, members, lead_rank, position, None)
-        if isinstance(layout, str):
-            kept = layout
+        found = _rotation_at(cat, exit_node, region, position, lead_rank, cat_dim)
+        if not isinstance(found, tuple):
+            kept = found or kept
             continue
-        if layout is None:
-            continue
-        *rotation, axes = layout
-        axes = [axis for axis in axes if axis != cat_dim]
-        if not axes:
-            continue
+        members, rotation, axes = found
         kept = _rounding_kept([n for seg in segments for n in seg.nodes] + members, exit_val.dtype)
         if kept is None:
             return _Site(norm, "head", cat, [], axes, exit_node, members, *rotation, segments=segments,
                          cat_dim=cat_dim)
     return kept
+
+
+def _rotation_at(source: fx.Node, exit_node: fx.Node, region, position, lead_rank: int, seq_dim: int):
+    """The rotation from ``source`` to ``exit_node`` and the axes that may hold its heads (never the
+    sequence dim ``seq_dim``): ``(members, rotation, axes)``; a decline reason; or None."""
+    members = [n for n in region if position[n] <= position[exit_node]]
+    with compat.unset_fake_temporarily():
+        layout = _identify_rotation(source, exit_node, members, lead_rank, position, None)
+    if layout is None or isinstance(layout, str):
+        return layout
+    *rotation, axes = layout
+    axes = [axis for axis in axes if axis != seq_dim]
+    return (members, rotation, axes) if axes else None
 
 
 def _slice_bounds(node: fx.Node, rank: int, length_of: Callable[[int], int | None]):
@@ -502,18 +508,11 @@ def _match_token_slice(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str
         puts_back = assembly.args[1] is exit_node if scatters else set(parts) == {exit_node, *unrotated}
         if set(exit_node.users) != {assembly} or not puts_back:
             continue  # the rotated rows are not what the assembly puts back
-        members = [n for n in region if position[n] <= position[exit_node]]
-        with compat.unset_fake_temporarily():
-            layout = _identify_rotation(rotated, exit_node, members, rank - 1, position, None)
-        if isinstance(layout, str):
-            kept = layout
+        found = _rotation_at(rotated, exit_node, region, position, rank - 1, dim)
+        if not isinstance(found, tuple):
+            kept = found or kept
             continue
-        if layout is None:
-            continue
-        *rotation, axes = layout
-        axes = [axis for axis in axes if axis != dim]
-        if not axes:
-            continue
+        members, rotation, axes = found
         kept = _rounding_kept(norm.nodes + members, exit_val.dtype)
         if kept is None:
             return _Site(norm, "head", rotated, [rotated], axes, exit_node, members, *rotation,

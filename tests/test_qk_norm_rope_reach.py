@@ -6,14 +6,19 @@ eager's numerics and strides (fp32 and bf16, Inductor on and off), and its near-
 - Class B: norm, then cat([text, image], seq), then RoPE of the concatenation (Flux, QwenImage).
 - Class E: float64 / complex128 tables (declines quietly).
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffopt.testing import count_ops, trace
+from diffopt.testing import ON_CPU, count_ops, trace
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_qk_norm_rope_pass import rope_neox, rotate_half  # noqa: E402
 
 FUSED = "diffopt.qk_norm_rope.default"
-ON_CPU = {"passes": {"qk_norm_rope": {"devices": ["cpu", "cuda"]}}}
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 INDUCTOR = pytest.mark.parametrize("inductor", [False, True], ids=["aten", "inductor"])
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -53,15 +58,6 @@ def norm_upcast(x, w, eps=1e-6):  # diffusers' RMSNorm
     dtype = x.dtype
     x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
     return (x.to(dtype) * w) if w is not None else x.to(dtype)
-
-
-def rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-def rope_neox(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
 
 
 def rope_diffusers(x, cos, sin):
