@@ -299,7 +299,9 @@ _MAX_BLOCKS_PER_SM = 32
 _FA2_MAX_CTA_TILE_Q = 128
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
+    """The device's SM count (looked up once per device, not per call)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
