@@ -2,7 +2,7 @@
 
     python benchmarks/bench_models.py [--workloads a,b] [--backends eager,inductor,diffopt]
         [--cudagraphs] [--max-autotune] [--regional] [--configs LIST] [--repeats N]
-        [--iters N] [--warmup N] [--timeout S] [--wan14b-blocks N] [--tiny] [--out DIR]
+        [--iters N] [--warmup N] [--timeout S] [--wan14b-blocks N] [--memory-breakdown] [--tiny] [--out DIR]
     python benchmarks/bench_models.py --plot DIR/bench_models.json   # the chart of an earlier run
 
 Workloads: random weights, bf16 on CUDA (cast as ``from_pretrained(torch_dtype=...)`` casts,
@@ -32,6 +32,11 @@ call in seconds (compile included); the error against eager's output (max abs er
 max abs of eager, and relative L2); diffopt's rewrites per pass (counted per compiled
 graph: a regional compile counts one block). Writes ``bench_models.json`` (rewritten after
 every child), ``bench_models.png`` (needs matplotlib) and one log per child in ``DIR/logs``.
+
+``--memory-breakdown`` (CUDA) also records the allocations of one more call: the blocks live at
+its peak, largest first, each with the lines that allocated it (``live_at_peak`` in the JSON);
+Inductor's generated modules those lines are in are kept under ``DIR/code``. That is how a peak
+difference between two backends is traced to buffers (docs/benchmarks.md, "Where memory goes").
 """
 from __future__ import annotations
 
@@ -321,7 +326,7 @@ def plot(results: Sequence[dict], meta: dict, path: Path) -> Path | None:
 def run_child(spec: dict) -> dict:
     """Build, compile and time one configuration (in a process of its own)."""
     import torch
-    from measure import Peak, cuda_peak_above, ms_per_call
+    from measure import Peak, cuda_peak_above, live_at_peak, ms_per_call
     from torch.utils._pytree import tree_leaves
 
     from diffopt.models.diffusers_models import cast_like_from_pretrained
@@ -365,6 +370,8 @@ def run_child(spec: dict) -> dict:
                 fn(**inputs)
         with peak_above_base() as peak:
             result["ms"] = ms_per_call(lambda: fn(**inputs), spec["iters"], device)
+        if spec.get("memory_breakdown") and cuda:
+            result["live_at_peak"] = live_at_peak(lambda: fn(**inputs), keep_code=spec["memory_breakdown"])
         leaves = [leaf for leaf in tree_leaves(fn(**inputs)) if isinstance(leaf, torch.Tensor)]
         output = torch.cat([leaf.detach().flatten().float().cpu() for leaf in leaves])
     result["peak_bytes"], result["first_calls_peak_bytes"] = peak.bytes, first_calls_peak.bytes
@@ -503,6 +510,9 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="calls after the first, before measuring")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per child")
     parser.add_argument("--wan14b-blocks", type=int, default=8)
+    parser.add_argument("--memory-breakdown", action="store_true",
+                        help="also record one call's allocations: what is live at its peak, which lines allocated it "
+                        "(Inductor's generated modules are kept under OUT/code)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs, float32, on the CPU")
     parser.add_argument("--device", help="default: cuda, or cpu with --tiny")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -556,6 +566,7 @@ def main(argv: Iterable[str] | None = None) -> None:
                 "workload": name, "backend": config.backend, "mode": config.mode, "regional": config.regional,
                 "tiny": args.tiny, "device": device, "dtype": meta["dtype"], "iters": args.iters,
                 "warmup": args.warmup, "wan14b_blocks": args.wan14b_blocks,
+                "memory_breakdown": str(out / "code" / tag) if args.memory_breakdown else None,
                 "reference": str(Path(run_dir) / f"{name}.eager.pt"), "result": str(Path(run_dir) / f"{tag}.json"),
             }
             result = run_configuration(spec, Path(run_dir), out / "logs" / f"{tag}.log", args.timeout)

@@ -57,3 +57,71 @@ def cuda_ms_and_peak(fn, args, rep_ms: int = 100) -> tuple[float, int]:
     with cuda_peak_above() as peak:
         fn(*args)
     return do_bench(lambda: fn(*args), warmup=10, rep=rep_ms, return_mode="median"), peak.bytes
+
+
+def live_at_peak(fn: Callable[[], object], top: int = 25, keep_code: str | None = None) -> dict:
+    """What is allocated at the CUDA memory peak of one call of ``fn()``, largest first.
+
+    Records the allocator's trace for the call, replays its allocations and frees to the moment
+    the most bytes were live, and lists those blocks with the source lines that allocated them
+    (for compiled code: the line of Inductor's generated module, read while it still exists).
+    Blocks allocated before the call count in the base, not in the list. ``keep_code``: a folder
+    to copy the generated modules named in the list into (they live in a cache that is deleted).
+    """
+    import linecache
+    import shutil
+    from pathlib import Path
+
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
+    try:
+        fn()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    trace = [event for device_trace in snapshot["device_traces"] for event in device_trace]
+    live: dict[int, dict] = {}
+    current = peak = 0
+    peak_blocks: list[dict] = []
+    peak_at = 0
+    for index, event in enumerate(trace):
+        if event["action"] == "alloc":
+            event["index"] = index
+            live[event["addr"]] = event
+            current += event["size"]
+            if current > peak:
+                peak, peak_blocks, peak_at = current, list(live.values()), index
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            current -= live.pop(event["addr"])["size"]
+
+    modules = set()
+
+    def where(event) -> list[str]:
+        lines = []
+        for frame in event.get("frames", []):
+            name = frame["filename"]
+            if name.startswith("??") or "/torch/" in name and "torchinductor" not in name:
+                continue
+            if "inductor" in name and name.endswith(".py"):
+                modules.add(name)
+            text = linecache.getline(name, frame["line"]).strip()
+            lines.append(f"{name.rsplit('/', 1)[-1]}:{frame['line']} {text[:120]}")
+            if len(lines) == 3:
+                break
+        return lines
+
+    blocks = sorted(peak_blocks, key=lambda event: -event["size"])
+    result = {
+        "peak_bytes_in_call": peak,
+        "peak_at_event": peak_at,
+        "events": len(trace),
+        "peak_allocation": where(trace[peak_at]) if trace else [],
+        "blocks": [{"bytes": e["size"], "allocated_at_event": e["index"], "where": where(e)} for e in blocks[:top]],
+        "other_blocks": len(blocks) - top if len(blocks) > top else 0,
+    }
+    if keep_code:
+        Path(keep_code).mkdir(parents=True, exist_ok=True)
+        for name in modules:
+            shutil.copy(name, Path(keep_code) / Path(name).name)
+    return result

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffopt.testing import ON_CPU, trace
+from diffopt.testing import ON_CPU, Compiled, trace
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -73,6 +73,47 @@ def test_under_cuda_graphs():
         outputs = [o.clone() for o in compiled(*args)]
     for got, want in zip(outputs, eager):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("norm", ["head", "hidden", "no weights"])
+def test_inlined_launch_computes_what_the_op_computes(norm):
+    """Bit for bit: the inlined launch is the op's own kernel with the same fp32 math (Inductor types a
+    Python float argument fp64, which once made eps, the statistic and its rsqrt fp64)."""
+    op = torch.ops.diffopt.qk_norm_rope
+    q, k, wq, wk, cos, sin = inputs("cuda", torch.bfloat16, S=257, H=8, Hk=8)
+    hidden = norm == "hidden"
+    if hidden:
+        wq, wk = wq.repeat(8), wk.repeat(8)
+    if norm == "no weights":
+        wq = wk = None
+    kwargs = dict(norm_over="hidden" if hidden else "head", rope_style="neox", rope_dim=-1, q_eps=1e-6, k_eps=1e-5)
+
+    def call(q, k, wq, wk, cos, sin):
+        return op(q, k, wq, wk, cos, sin, None, **kwargs)
+
+    compiled = Compiled(call)
+    got = compiled(q, k, wq, wk, cos, sin)
+    assert compiled.report.matches("inline_triton") == 1, compiled.report
+    for g, want in zip(got, call(q, k, wq, wk, cos, sin)):
+        assert torch.equal(g, want)
+
+
+def test_absent_weights_and_positions_reach_the_kernel_as_none(monkeypatch):
+    """A tensor standing in for a pointer the kernel never reads is realized by Inductor as an argument
+    of its own: a table passed for it was computed into a second buffer, in every layer."""
+    def unweighted(q, k, cos, sin):
+        q, k = F.rms_norm(q, (q.shape[-1],), None, 1e-6), F.rms_norm(k, (k.shape[-1],), None, 1e-6)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    q, k, _, _, _, cos, sin = prefix_inputs("cpu", torch.float32)
+    _, launch = _rewritten_on_fake_cpu(monkeypatch, unweighted, (q, k, cos, sin))
+    params = launch.kwargs["kwargs"]
+    # (a None argument is a constant of the launch, kept out of its tensor arguments)
+    assert not any(isinstance(params.get(name), torch.fx.Node) for name in ("qw_ptr", "kw_ptr", "pos_ptr"))
+    tables = [name for name, value in params.items() if value is params["cos_ptr"] or value is params["sin_ptr"]]
+    assert sorted(tables) == ["cos_ptr", "sin_ptr"], tables
 
 
 # --- an output read only by a cat: the kernel writes into the cat's buffer -----------------------------
