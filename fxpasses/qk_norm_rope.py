@@ -134,9 +134,8 @@ class QKNormRope(GraphPass):
     # Devices with a fast kernel. On CPU the op runs its plain-torch reference, which is slower
     # than Inductor's own fused C++ code; tests add "cpu" to exercise the rewrite there.
     # "training": also fuse in graphs that need gradients (the op's autograd formula, rewritten before
-    # autograd: diffopt/training.py). Opt-in until its GPU tests pass on the H200 machine (on CPU they
-    # pass; the first GPU run failed, most likely on a test bug since fixed: docs/passes.md, Training).
-    defaults = {"devices": ("cuda",), "training": False}
+    # autograd: diffopt/training.py); False compiles them with the stock code.
+    defaults = {"devices": ("cuda",), "training": True}
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         position = {node: index for index, node in enumerate(graph.nodes)}

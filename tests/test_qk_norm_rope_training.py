@@ -19,7 +19,7 @@ from test_qk_norm_rope_pass import (  # noqa: E402
 )
 
 FUSED = "diffopt.qk_norm_rope.default"
-# training graphs are fused on request (the pass's option "training"), here on CPU too
+# training graphs are fused (the pass's option "training", on by default), here on CPU too
 TRAIN = {"passes": {"qk_norm_rope": {**ON_CPU["passes"]["qk_norm_rope"], "training": True}}}
 TRAIN_CUDA = {"passes": {"qk_norm_rope": {"training": True}}}
 BF16, F32 = torch.bfloat16, torch.float32
@@ -179,9 +179,14 @@ def test_near_miss_still_declines_in_training():
         torch.testing.assert_close(g, w)
 
 
-def test_training_graphs_are_fused_only_on_request():
+def test_training_graphs_are_fused_by_default_and_not_with_the_option_off():
     fn, args = gqa_functional()
     result, got, want = train_step(fn, args, ON_CPU, F32)  # the option "training" left at its default
+    assert result.report.matches("qk_norm_rope") == 1
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    off = {"passes": {"qk_norm_rope": {**ON_CPU["passes"]["qk_norm_rope"], "training": False}}}
+    result, got, want = train_step(fn, args, off, F32)
     assert result.report.matches("qk_norm_rope") == 0
     assert all(run.stage != "before_autograd" for run in result.report.runs)
     for g, w in zip(got, want):
