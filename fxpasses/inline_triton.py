@@ -24,6 +24,15 @@ cat's is 1, all of it contiguous, one dtype) and where no other operand of the c
 computed from the op (the buffer would need the launch that fills it); else the output
 gets its own buffer.
 
+A table that many launches read, computed in the graph and reaching each launch as
+a view (Cosmos3's and Wan's RoPE tables, sliced per layer from one computation): it
+is computed once, into a contiguous buffer all those launches read. Inductor realizes
+each view argument of a user-defined kernel on its own, so every layer recomputed
+its tables into buffers of its own, two layers' worth live at a time, with their
+source kept live to the last layer. The values are the same (views of one pure
+computation with the same view ops); only where each launch's argument is such a
+view of a computed tensor (not of a graph input, which is a buffer already).
+
 Preconditions (else the op call stays, with the reason in the report):
 
 - the call runs on CUDA and Triton is installed (the op's CUDA implementation is
@@ -46,7 +55,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from .fx_utils import ORDER_KEEPING_VIEWS, fake_value, is_view, same_layout, topological_sort
+from .fx_utils import ORDER_KEEPING_VIEWS, fake_value, is_view, leaves, same_layout, topological_sort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +66,7 @@ class _Launch:
     trace: Callable[..., Any]
     inputs_of_outputs: tuple[int, ...]  # op argument index of the input each output has the shape of
     output_params: tuple[str, ...]
+    tables: tuple[int, ...]  # op argument indexes of read-only inputs that many launches may share
 
 
 def _traceable_launches() -> dict[Any, _Launch]:
@@ -64,7 +74,7 @@ def _traceable_launches() -> dict[Any, _Launch]:
         from diffopt.kernels.qk_norm_rope_triton import OUTPUT_PARAMS, qk_norm_rope_traceable
     except Exception:  # no Triton: every op keeps its own dispatch
         return {}
-    return {torch.ops.diffopt.qk_norm_rope.default: _Launch(qk_norm_rope_traceable, (0, 1), OUTPUT_PARAMS)}
+    return {torch.ops.diffopt.qk_norm_rope.default: _Launch(qk_norm_rope_traceable, (0, 1), OUTPUT_PARAMS, (4, 5))}
 
 
 class InlineTriton(GraphPass):
@@ -74,7 +84,7 @@ class InlineTriton(GraphPass):
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         launches = _traceable_launches()
-        reordered = False
+        inlinable = []
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in launches:
                 continue
@@ -82,12 +92,75 @@ class InlineTriton(GraphPass):
             if reason:
                 log.decline(node, reason)
                 continue
+            inlinable.append(node)
+        for table, readers in _shared_tables(inlinable, launches).items():
+            _materialize_once(graph, table, readers)
+            log.add(readers[0][0], replaced=f"a table computed again for each of {len(readers)} launches",
+                    by="one contiguous buffer they all read")
+        reordered = False
+        for node in inlinable:
             into = _inline(graph, node, launches[node.target])
             reordered |= into > 0
             by = "its Triton kernel, buffers planned by Inductor" + (", written into the cat that reads it" * (into > 0))
             log.add(node, replaced=f"opaque call of {node.target.name()}", by=by)
         if reordered:  # a cat's other operands may be computed after the launch that now fills it
             topological_sort(graph)
+
+
+def _view_chain(value: Any) -> tuple | None:
+    """``value``'s expression as views of a computed tensor (the key of equal values): None unless it is
+    a view, through view ops with constant arguments only, of a call's result that nothing mutates (a
+    graph input or constant is a buffer already)."""
+    if not isinstance(value, fx.Node) or not is_view(value):
+        return None
+    chain, node = [], value
+    while is_view(node):
+        rest = (node.args[1:], node.kwargs)
+        if not isinstance(node.args[0], fx.Node) or any(isinstance(a, fx.Node) for a in leaves(rest)):
+            return None
+        chain.append((node.target, repr(rest)))
+        node = node.args[0]
+    if node.op != "call_function" or _mutated(node):
+        return None
+    return (node, *reversed(chain))
+
+
+def _mutated(base: fx.Node) -> bool:
+    """Whether an op that mutates its inputs reads ``base`` or a view of it."""
+    todo, seen = [base], set()
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                return True
+            if is_view(user) and user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return False
+
+
+def _shared_tables(nodes: list[fx.Node], launches: dict[Any, _Launch]) -> dict[fx.Node, list[tuple[fx.Node, int]]]:
+    """The table arguments read by several launches as equal views of one computed tensor: the first
+    such argument node (in graph order), with every (launch, argument index) that reads its value."""
+    groups: dict[tuple, list[tuple[fx.Node, int]]] = {}
+    for node in nodes:
+        for index in launches[node.target].tables:
+            key = _view_chain(node.args[index])
+            if key is not None:
+                groups.setdefault(key, []).append((node, index))
+    return {readers[0][0].args[readers[0][1]]: readers for readers in groups.values() if len(readers) > 1}
+
+
+def _materialize_once(graph: fx.Graph, table: fx.Node, readers: list[tuple[fx.Node, int]]) -> None:
+    with graph.inserting_after(table):
+        buffer = graph.call_function(torch.ops.aten.clone.default, (table,), {"memory_format": torch.contiguous_format})
+    buffer.meta["val"] = fake_value(table).clone(memory_format=torch.contiguous_format)
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in table.meta:
+            buffer.meta[key] = table.meta[key]
+    for node, index in readers:
+        node.update_arg(index, buffer)
 
 
 def _tensor_args(node: fx.Node) -> list[torch.Tensor]:

@@ -116,6 +116,77 @@ def test_absent_weights_and_positions_reach_the_kernel_as_none(monkeypatch):
     assert sorted(tables) == ["cos_ptr", "sin_ptr"], tables
 
 
+# --- tables many launches read: computed once -------------------------------------------------------------
+
+
+def layers_sharing_tables(q1, k1, q2, k2, wq, wk, freqs, tables_from_inputs=None):
+    """Two attention layers rotating with one set of tables, computed in the graph (Cosmos3's and Wan's
+    models compute them once per forward and slice them in every layer) or given as inputs."""
+    if tables_from_inputs is None:
+        emb = torch.cat([freqs, freqs], -1)
+        cos, sin = emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
+    else:
+        cos, sin = tables_from_inputs
+    outputs = []
+    for q, k in ((q1, k1), (q2, k2)):
+        q = F.rms_norm(q, (q.shape[-1],), wq, 1e-6)
+        k = F.rms_norm(k, (k.shape[-1],), wk, 1e-6)
+        outputs += [q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin]
+    return outputs
+
+
+def layers_inputs(device, dtype, S=24, H=4, Hk=2, D=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qk = [torch.randn(1, S, h, D, generator=g).to(device, dtype) for h in (H, Hk, H, Hk)]
+    wq, wk = (torch.rand(D, generator=g) + 0.5).to(device, dtype), (torch.rand(D, generator=g) + 0.5).to(device, dtype)
+    return (*qk, wq, wk, (torch.rand(S, D // 2, generator=g) * 6.28).to(device, dtype))
+
+
+def _launches(result):
+    graph = result.graphs[-1][3]
+    return [n for n in graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
+
+
+def test_tables_read_by_several_launches_are_computed_once(monkeypatch):
+    result = _traced_on_fake_cpu(monkeypatch, layers_sharing_tables, layers_inputs("cpu", torch.float32))
+    launches = _launches(result)
+    assert len(launches) == 2
+    for name in ("cos_ptr", "sin_ptr"):
+        tables = {launch.kwargs["kwargs"][name] for launch in launches}
+        assert len(tables) == 1, name
+        (table,) = tables
+        assert table.target is torch.ops.aten.clone.default and table.meta["val"].is_contiguous()
+    assert sum("one contiguous buffer" in r.by for r in result.report.rewrites) == 2
+
+
+def test_tables_that_are_graph_inputs_are_not_copied(monkeypatch):
+    args = layers_inputs("cpu", torch.float32)
+    ang = torch.cat([args[-1], args[-1]], -1)[None, :, None, :]
+
+    def layers(q1, k1, q2, k2, wq, wk, cos, sin):
+        return layers_sharing_tables(q1, k1, q2, k2, wq, wk, None, tables_from_inputs=(cos, sin))
+
+    result = _traced_on_fake_cpu(monkeypatch, layers, (*args[:-1], ang.cos(), ang.sin()))
+    launches = _launches(result)
+    assert len(launches) == 2
+    graph = result.graphs[-1][3]
+    assert not any(n.target is torch.ops.aten.clone.default for n in graph.nodes)
+    assert not any("one contiguous buffer" in r.by for r in result.report.rewrites)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_shared_tables_numerics(dtype):
+    args = layers_inputs("cuda", dtype, S=300, H=8, Hk=4, D=128)
+    compiled = Compiled(layers_sharing_tables)
+    got = compiled(*args)
+    assert any("one contiguous buffer" in r.by for r in compiled.report.rewrites), compiled.report
+    for g, want in zip(got, layers_sharing_tables(*args)):
+        assert g.stride() == want.stride()
+        torch.testing.assert_close(g, want, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+
+
 # --- an output read only by a cat: the kernel writes into the cat's buffer -----------------------------
 
 
@@ -140,16 +211,22 @@ def prefix_inputs(device, dtype, S=24, H=4, Hk=2, D=32, P=5, batch=(), prefix_dt
     return q, k, k_prefix, wq, wk, ang.cos().to(device, dtype), ang.sin().to(device, dtype)
 
 
-def _rewritten_on_fake_cpu(monkeypatch, fn, args):
-    """The graph inline_triton leaves, from CPU stand-ins (the launch is traced, never run: Triton runs on CUDA)."""
+def _traced_on_fake_cpu(monkeypatch, fn, args):
+    """The trace of the graph inline_triton leaves, from CPU stand-ins (the launch is traced, never run:
+    Triton runs on CUDA)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from diffopt.fxpasses import inline_triton
 
     monkeypatch.setattr(inline_triton, "_not_inlinable", lambda node: None)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        result = trace(fn, *[mode.from_tensor(a) for a in args], options={**ON_CPU, "inductor": False})
-    (launch,) = [n for n in result.graphs[-1][3].nodes if "triton_kernel_wrapper_functional" in str(n.target)]
+        return trace(fn, *[mode.from_tensor(a) for a in args], options={**ON_CPU, "inductor": False})
+
+
+def _rewritten_on_fake_cpu(monkeypatch, fn, args):
+    """The trace and its one launch."""
+    result = _traced_on_fake_cpu(monkeypatch, fn, args)
+    (launch,) = _launches(result)
     return result, launch
 
 
