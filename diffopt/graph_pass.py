@@ -93,6 +93,9 @@ class GraphPass:
     # A post-grad pass whose inserted ops have autograd formulas: on graphs that need gradients it also
     # runs before AOT autograd (Stage.BEFORE_AUTOGRAD), so that the backward graph gets their backward.
     differentiable: ClassVar[bool] = False
+    # Names of ops one of which every match contains (in Dynamo's torch-level graphs and in ATen graphs):
+    # a graph with none of them is not applicable, and is not traced before autograd for this pass.
+    anchors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **config: Any) -> None:
         unknown = sorted(set(config) - set(self.defaults))

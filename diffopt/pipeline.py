@@ -128,8 +128,8 @@ def cleanup(graph: fx.Graph) -> None:
 
 
 def not_applicable(graph_pass: GraphPass, graph: fx.Graph) -> str | None:
-    """Why ``graph_pass`` cannot match anything in ``graph``: no collectives for a collective rewrite, or
-    no tensor on a device its ``devices`` option names."""
+    """Why ``graph_pass`` cannot match anything in ``graph``: no collectives for a collective rewrite, none
+    of its anchor ops, or no tensor on a device its ``devices`` option names."""
     if graph_pass.needs_collectives and not has_collectives(graph):
         return "not applicable (no collectives)"
     devices = graph_pass.config.get("devices")
@@ -137,7 +137,21 @@ def not_applicable(graph_pass: GraphPass, graph: fx.Graph) -> str | None:
         present = {value.device.type for node in graph.nodes if isinstance(value := fake_value(node), torch.Tensor)}
         if present and not present.intersection(devices):
             return f"off on {', '.join(sorted(present))} (option devices: {list(devices)})"
+    if graph_pass.anchors and not any(_calls_one_of(node, graph_pass.anchors) for node in graph.nodes):
+        return f"not applicable (none of {', '.join(graph_pass.anchors)} in the graph)"
     return None
+
+
+def _calls_one_of(node: fx.Node, names: tuple[str, ...]) -> bool:
+    """Whether the node calls an op of one of these names (``torch.rsqrt``, ``Tensor.rsqrt``,
+    ``aten.rsqrt.default`` are all ``rsqrt``)."""
+    if node.op == "call_method":
+        return node.target in names
+    if node.op != "call_function":
+        return False
+    target = node.target
+    name = target._opname if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", "")
+    return name in names
 
 
 def _describe(exc: BaseException) -> str:

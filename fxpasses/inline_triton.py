@@ -93,50 +93,69 @@ class InlineTriton(GraphPass):
                 log.decline(node, reason)
                 continue
             inlinable.append(node)
+        shared: dict[fx.Node, int] = {}  # launch -> how many launches share a table it reads
         for table, readers in _shared_tables(inlinable, launches).items():
             _materialize_once(graph, table, readers)
-            log.add(readers[0][0], replaced=f"a table computed again for each of {len(readers)} launches",
-                    by="one contiguous buffer they all read")
+            sharing = len({node for node, _ in readers})
+            for node, _ in readers:
+                shared[node] = max(shared.get(node, 0), sharing)
         reordered = False
         for node in inlinable:
             into = _inline(graph, node, launches[node.target])
             reordered |= into > 0
             by = "its Triton kernel, buffers planned by Inductor" + (", written into the cat that reads it" * (into > 0))
+            if node in shared:
+                by += f", its tables computed once for {shared[node]} launches"
             log.add(node, replaced=f"opaque call of {node.target.name()}", by=by)
         if reordered:  # a cat's other operands may be computed after the launch that now fills it
             topological_sort(graph)
 
 
+def _view_step(node: fx.Node) -> bool:
+    """A view op, or the pick of one view from an op that returns several (``split``, ``unbind``)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and is_view(node.args[0])
+    return is_view(node)
+
+
 def _view_chain(value: Any) -> tuple | None:
     """``value``'s expression as views of a computed tensor (the key of equal values): None unless it is
-    a view, through view ops with constant arguments only, of a call's result that nothing mutates (a
-    graph input or constant is a buffer already)."""
-    if not isinstance(value, fx.Node) or not is_view(value):
+    a view, through view steps with constant arguments only, of a call's result that nothing mutates,
+    and no larger than it (an ``expand`` would become a copy B times the table). A view of a graph input
+    or constant is a buffer already."""
+    if not isinstance(value, fx.Node) or not _view_step(value):
         return None
     chain, node = [], value
-    while is_view(node):
+    while _view_step(node):
         rest = (node.args[1:], node.kwargs)
         if not isinstance(node.args[0], fx.Node) or any(isinstance(a, fx.Node) for a in leaves(rest)):
             return None
         chain.append((node.target, repr(rest)))
         node = node.args[0]
-    if node.op != "call_function" or _mutated(node):
+    base, table = fake_value(node), fake_value(value)
+    if node.op != "call_function" or _mutated(node) or not isinstance(base, torch.Tensor) or table.numel() > base.numel():
         return None
     return (node, *reversed(chain))
 
 
 def _mutated(base: fx.Node) -> bool:
-    """Whether an op that mutates its inputs reads ``base`` or a view of it."""
+    """Whether an op that may mutate its inputs reads ``base`` or a view of it (an op with a mutable
+    schema, or one without a schema, such as a higher-order op)."""
     todo, seen = [base], set()
     while todo:
         node = todo.pop()
         for user in node.users:
-            schema = getattr(user.target, "_schema", None)
-            if schema is not None and schema.is_mutable:
-                return True
-            if is_view(user) and user not in seen:
+            if user.op != "call_function" or user in seen:
+                continue
+            if _view_step(user):
                 seen.add(user)
                 todo.append(user)
+                continue
+            schema = getattr(user.target, "_schema", None)
+            if schema is None and user.target is not operator.getitem or schema is not None and schema.is_mutable:
+                return True
     return False
 
 

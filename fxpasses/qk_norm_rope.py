@@ -131,6 +131,9 @@ class QKNormRope(GraphPass):
     stage = Stage.POST_GRAD
     after = ("dedupe",)  # q and k normed from one tensor share one statistic once dedupe merged them
     differentiable = True  # the op has an autograd formula: training graphs are rewritten before autograd
+    # Every norm it fuses has one (F.rms_norm / nn.RMSNorm, or a hand-written rsqrt); without them a
+    # training graph is not traced before autograd for nothing.
+    anchors = ("rsqrt", "rms_norm", "_fused_rms_norm")
     # Devices with a fast kernel. On CPU the op runs its plain-torch reference, which is slower
     # than Inductor's own fused C++ code; tests add "cpu" to exercise the rewrite there.
     # "training": also fuse in graphs that need gradients (the op's autograd formula, rewritten before

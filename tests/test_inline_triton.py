@@ -111,7 +111,8 @@ def test_absent_weights_and_positions_reach_the_kernel_as_none(monkeypatch):
     _, launch = _rewritten_on_fake_cpu(monkeypatch, unweighted, (q, k, cos, sin))
     params = launch.kwargs["kwargs"]
     # (a None argument is a constant of the launch, kept out of its tensor arguments)
-    assert not any(isinstance(params.get(name), torch.fx.Node) for name in ("qw_ptr", "kw_ptr", "pos_ptr"))
+    assert {"q_ptr", "k_ptr", "cos_ptr", "sin_ptr"} <= set(params)
+    assert all(params.get(name) is None for name in ("qw_ptr", "kw_ptr", "pos_ptr"))
     tables = [name for name, value in params.items() if value is params["cos_ptr"] or value is params["sin_ptr"]]
     assert sorted(tables) == ["cos_ptr", "sin_ptr"], tables
 
@@ -156,7 +157,8 @@ def test_tables_read_by_several_launches_are_computed_once(monkeypatch):
         assert len(tables) == 1, name
         (table,) = tables
         assert table.target is torch.ops.aten.clone.default and table.meta["val"].is_contiguous()
-    assert sum("one contiguous buffer" in r.by for r in result.report.rewrites) == 2
+    assert result.report.matches("inline_triton") == 2  # the launches (the tables are part of their rewrite)
+    assert sum("tables computed once for 2 launches" in r.by for r in result.report.rewrites) == 2
 
 
 def test_tables_that_are_graph_inputs_are_not_copied(monkeypatch):
@@ -171,7 +173,7 @@ def test_tables_that_are_graph_inputs_are_not_copied(monkeypatch):
     assert len(launches) == 2
     graph = result.graphs[-1][3]
     assert not any(n.target is torch.ops.aten.clone.default for n in graph.nodes)
-    assert not any("one contiguous buffer" in r.by for r in result.report.rewrites)
+    assert not any("tables computed once" in r.by for r in result.report.rewrites)
 
 
 @pytest.mark.gpu
@@ -181,7 +183,7 @@ def test_shared_tables_numerics(dtype):
     args = layers_inputs("cuda", dtype, S=300, H=8, Hk=4, D=128)
     compiled = Compiled(layers_sharing_tables)
     got = compiled(*args)
-    assert any("one contiguous buffer" in r.by for r in compiled.report.rewrites), compiled.report
+    assert any("tables computed once" in r.by for r in compiled.report.rewrites), compiled.report
     for g, want in zip(got, layers_sharing_tables(*args)):
         assert g.stride() == want.stride()
         torch.testing.assert_close(g, want, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
@@ -221,6 +223,46 @@ def _traced_on_fake_cpu(monkeypatch, fn, args):
     monkeypatch.setattr(inline_triton, "_not_inlinable", lambda node: None)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         return trace(fn, *[mode.from_tensor(a) for a in args], options={**ON_CPU, "inductor": False})
+
+
+@pytest.mark.parametrize("why", ["other rows of one table", "a view of a graph input through unbind", "expanded"])
+def test_tables_that_are_not_one_computed_value_are_not_shared(monkeypatch, why):
+    q1, k1, q2, k2, wq, wk, freqs = layers_inputs("cpu", torch.float32)
+    S = q1.shape[1]
+
+    def two_layers(q1, k1, q2, k2, wq, wk, table):
+        if why == "other rows of one table":  # one computation, each layer its own rows
+            emb = torch.cat([table, table], -1).repeat(2, 1)
+            cos, sin = emb.cos(), emb.sin()
+            tables = [(cos[i * S:(i + 1) * S][None, :, None], sin[i * S:(i + 1) * S][None, :, None]) for i in (0, 1)]
+        elif why == "a view of a graph input through unbind":  # cos and sin stacked in one input
+            cos, sin = (t[None, :, None] for t in table.unbind(0))
+            tables = [(cos, sin)] * 2
+        else:  # computed, then expanded over a batch of 2: a copy would be twice the table
+            emb = torch.cat([table, table], -1)
+            cos, sin = (t[None, :, None].expand(2, S, 1, emb.shape[-1]) for t in (emb.cos(), emb.sin()))
+            tables = [(cos, sin)] * 2
+        outputs = []
+        for (q, k), (cos, sin) in zip(((q1, k1), (q2, k2)), tables):
+            q = F.rms_norm(q, (q.shape[-1],), wq, 1e-6)
+            k = F.rms_norm(k, (k.shape[-1],), wk, 1e-6)
+            outputs += [q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin]
+        return outputs
+
+    if why == "a view of a graph input through unbind":
+        ang = torch.cat([freqs, freqs], -1)
+        table = torch.stack([ang.cos(), ang.sin()])
+    else:
+        table = freqs
+    if why == "expanded":
+        q1, k1, q2, k2 = (x.expand(2, *x.shape[1:]).contiguous() for x in (q1, k1, q2, k2))
+    result = _traced_on_fake_cpu(monkeypatch, two_layers, (q1, k1, q2, k2, wq, wk, table))
+    launches = _launches(result)
+    assert len(launches) == 2, why
+    for launch in launches:
+        for name in ("cos_ptr", "sin_ptr"):
+            assert launch.kwargs["kwargs"][name].target is not torch.ops.aten.clone.default, (why, name)
+    assert not any("tables computed once" in r.by for r in result.report.rewrites), why
 
 
 def _rewritten_on_fake_cpu(monkeypatch, fn, args):

@@ -160,8 +160,9 @@ def test_fires_in_training_and_gradients_match_eager(form, dtype, inductor):
     result, got, want = train_step(fn, args, {**TRAIN, "inductor": inductor}, dtype)
     run, after = fused_before_autograd(result)
     assert run.matches == 1 and after[FUSED] == 1 and after["aten.rsqrt.default"] == 0
-    # the post-grad forward graph calls the op (AOT autograd kept it), with no stock norm left
-    post = [g for g in result.graphs if g[0] == "qk_norm_rope"][1][3]
+    # the post-grad forward graph calls the op (AOT autograd kept it), with no stock norm left (so the
+    # post-grad qk_norm_rope finds nothing to do there: not applicable, no rsqrt)
+    post = result.after("fold_gathers", 0)
     assert count_ops(post)[FUSED] == 1 and count_ops(post)["aten.rsqrt.default"] == 0
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
@@ -252,6 +253,24 @@ def test_a_trace_that_raises_compiles_the_graph_unfused(monkeypatch, caplog):
         torch.testing.assert_close(g, w)
     with pytest.raises(Exception, match="injected"):  # strict: a bug in diffopt is an error
         train_step(fn, args, TRAIN, F32)
+
+
+def test_a_graph_without_a_norm_is_not_traced(monkeypatch):
+    """Training compiles of models with nothing to fuse pay no extra trace (the pass's anchor ops)."""
+    from diffopt import training
+
+    def untraceable(gm, example_inputs):
+        raise AssertionError("traced a graph with no rsqrt or rms_norm")
+
+    monkeypatch.setattr(training, "forward_aten_graph", untraceable)
+
+    def rope_only(q, k, wq, wk, cos, sin):  # scaled by the weights, rotated, never normed
+        return rope_neox(q * wq, cos, sin), rope_neox(k * wk, cos, sin)
+
+    result, got, want = train_step(rope_only, gqa_functional()[1], TRAIN, F32)  # strict: raising fails
+    assert result.report.matches("qk_norm_rope") == 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_off_device_is_reported_without_tracing():
