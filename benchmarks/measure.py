@@ -65,26 +65,28 @@ def live_at_peak(fn: Callable[[], object], top: int = 25, keep_code: str | None 
     Records the allocator's trace for the call, replays its allocations and frees to the moment
     the most bytes were live, and lists those blocks with the source lines that allocated them
     (for compiled code: the line of Inductor's generated module, read while it still exists).
-    Blocks allocated before the call count in the base, not in the list. ``keep_code``: a folder
+    Blocks allocated before the call count in the base, not in the list; the current device only.
+    A call that allocates nothing (a CUDA-graph replay) has an empty list. ``keep_code``: a folder
     to copy the generated modules named in the list into (they live in a cache that is deleted).
     """
     import linecache
     import shutil
     from pathlib import Path
 
+    max_entries = 1_000_000
     torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=max_entries)
     try:
         fn()
         torch.cuda.synchronize()
         snapshot = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    trace = [event for device_trace in snapshot["device_traces"] for event in device_trace]
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
     live: dict[int, dict] = {}
     current = peak = 0
     peak_blocks: list[dict] = []
-    peak_at = 0
+    peak_at = None
     for index, event in enumerate(trace):
         if event["action"] == "alloc":
             event["index"] = index
@@ -116,7 +118,8 @@ def live_at_peak(fn: Callable[[], object], top: int = 25, keep_code: str | None 
         "peak_bytes_in_call": peak,
         "peak_at_event": peak_at,
         "events": len(trace),
-        "peak_allocation": where(trace[peak_at]) if trace else [],
+        "peak_allocation": where(trace[peak_at]) if peak_at is not None else [],  # none: nothing allocated
+        "truncated": len(trace) >= max_entries,  # the earliest events were dropped: the peak may be low
         "blocks": [{"bytes": e["size"], "allocated_at_event": e["index"], "where": where(e)} for e in blocks[:top]],
         "other_blocks": len(blocks) - top if len(blocks) > top else 0,
     }
