@@ -539,6 +539,7 @@ _REGION_OPS = {
     aten.permute.default, aten.slice.Tensor, aten.select.int, aten.unbind.int, aten.split.Tensor,
     aten.split_with_sizes.default, aten.cat.default, aten.stack.default, aten.slice_scatter.default,
     aten.select_scatter.default, aten.view_as_complex.default, aten.view_as_real.default, operator.getitem,
+    aten.sum.dim_IntList,
 }
 
 
@@ -990,6 +991,12 @@ def _row_op(node: fx.Node, value: Callable[[Any], Any], lead_rank: int) -> Any:
         base = value(args[0]).clone()
         base.select(tail_dim(args[2]), args[3]).copy_(value(args[1]))
         return base
+    if target is aten.sum.dim_IntList:  # Kandinsky's (M * x_).sum(-1): a rotation matrix applied per pair
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        if not dims or kwargs.get("dtype") is not None:
+            raise _NoMatch
+        return value(args[0]).sum([tail_dim(d) for d in dims], keepdim=keepdim)
     if target is aten.view_as_complex.default:
         return torch.view_as_complex(value(args[0]).contiguous())
     if target is aten.view_as_real.default:

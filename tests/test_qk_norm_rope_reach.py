@@ -38,6 +38,9 @@ def check(fn, args, fires=1, inductor=False, dtype=torch.float32, calls=None, pl
         result = trace(fn, *args, options={**ON_CPU, "inductor": inductor})
         want = fn(*args)
     assert result.report.matches("qk_norm_rope") == fires, [d.reason for d in result.report.declines]
+    if not any(g[0] == "qk_norm_rope" for g in result.graphs):  # no norm at all: the pass did not apply
+        assert fires == 0 and any("not applicable" in (run.note or "") for run in result.report.runs)
+        return result
     before, after = count_ops(result.before("qk_norm_rope")), count_ops(result.after("qk_norm_rope"))
     assert after[FUSED] == calls
     if fires:
@@ -518,6 +521,18 @@ def test_class_d_cos_sin_tables_placed_as_a_matrix():
     check(front, bshd_args(1, 5, 2, 2, 16, torch.float32) + (angle.cos(), angle.sin()))
 
 
+def apply_rope_matrix_sum(x, freqs):  # Kandinsky 5's apply_rotary: the matrix times the pair, summed
+    x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    return (freqs * x_).sum(-1).reshape(*x.shape).type_as(x)
+
+
+@INDUCTOR
+@DTYPES
+def test_class_d_matrix_applied_as_a_sum_fires(dtype, inductor):
+    args = bshd_args(2, 5, 4, 2, 16, dtype) + (positions(2, 5),)
+    check(matrix_front(apply=apply_rope_matrix_sum), args, inductor=inductor, dtype=dtype)
+
+
 def matrix_near_misses():
     def angles(entries):
         return lambda pos: rope_matrix(pos[..., 0], 16, entries=entries).unsqueeze(2)
@@ -535,6 +550,10 @@ def matrix_near_misses():
                              "rotation"),
         "scaled matrix": (matrix_front(lambda pos: 2 * hidream_matrix(pos)), "rotation"),
         "applied transposed": (matrix_front(apply=transposed), None),
+        "summed over the wrong dim": (matrix_front(apply=lambda x, f: (f * x.float().reshape(
+            *x.shape[:-1], -1, 1, 2)).sum(-2).reshape(*x.shape).type_as(x)), None),
+        "summed with a wrong-sign matrix": (matrix_front(angles(lambda c, s: [c, s, s, c]), apply=apply_rope_matrix_sum),
+                                            "rotation"),
         "no norm": (matrix_front(normed=False), None),
     }
 

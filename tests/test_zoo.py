@@ -71,10 +71,8 @@ FIRES = {
     "anyflow": 0,  # float64 rotation (class E declines)
     "sana_video": 0,  # linear attention: a ReLU between the norm and the rotation, nothing to fuse
     "ltx2_split": 0,  # split RoPE: tables differ per head (one frequency per channel of all heads)
-    # (M * x_).sum(-1) with M a 2x2 rotation-matrix table: aten.sum is not among the ops a rotation region is
-    # grown through (fxpasses/qk_norm_rope.py _REGION_OPS, _row_op), so the rotation is not recognised
-    "kandinsky5": 0,
-    "kandinsky6": 0,
+    "kandinsky5": 2,  # the rotation matrix applied as (M * x_).sum(-1)
+    "kandinsky6": 2,
     "easyanimate": 0,  # LayerNorm on q and k
     "glm_image": 0,
     "lumina_next": 0,
