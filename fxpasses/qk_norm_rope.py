@@ -363,10 +363,7 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int], norm_of: dict[fx.Node
             continue
         lead_rank = x_val.dim() - 1  # lead = tokens + heads; the tail is one head's channels
         region, exits = _grow_region(x, position)
-        for exit_node in reversed(exits):
-            exit_val = fake_value(exit_node)
-            if not isinstance(exit_val, torch.Tensor) or not _same_shape(exit_val.shape, x_val.shape):
-                continue
+        for exit_node, exit_val in _exits_shaped_like(x, exits):
             members = [n for n in region if position[n] <= position[exit_node]]
             with compat.unset_fake_temporarily():  # rows are real tensors, whatever mode compiles the graph
                 layout = _identify_rotation(x, exit_node, members, lead_rank, position, head_axis)
@@ -411,10 +408,7 @@ def _match_joint(norm: _Norm, cat: fx.Node, norm_of: dict[fx.Node, _Norm], posit
     lead_rank = x_val.dim() - 1
     region, exits = _grow_region(cat, position)
     kept = None
-    for exit_node in reversed(exits):
-        exit_val = fake_value(exit_node)
-        if not isinstance(exit_val, torch.Tensor) or not _same_shape(exit_val.shape, x_val.shape):
-            continue
+    for exit_node, exit_val in _exits_shaped_like(cat, exits):
         found = _rotation_at(cat, exit_node, region, position, lead_rank, cat_dim)
         if not isinstance(found, tuple):
             kept = found or kept
@@ -425,6 +419,16 @@ def _match_joint(norm: _Norm, cat: fx.Node, norm_of: dict[fx.Node, _Norm], posit
             return _Site(norm, "head", cat, [], axes, exit_node, members, *rotation, segments=segments,
                          cat_dim=cat_dim)
     return kept
+
+
+def _exits_shaped_like(source: fx.Node, exits: list[fx.Node]):
+    """The region's exits with ``source``'s shape (where a rotation of it can end), the last first, with
+    their values."""
+    shape = fake_value(source).shape
+    for exit_node in reversed(exits):
+        exit_val = fake_value(exit_node)
+        if isinstance(exit_val, torch.Tensor) and _same_shape(exit_val.shape, shape):
+            yield exit_node, exit_val
 
 
 def _rotation_at(source: fx.Node, exit_node: fx.Node, region, position, lead_rank: int, seq_dim: int):
@@ -500,13 +504,9 @@ def _match_token_slice(norm: _Norm, position: dict[fx.Node, int]) -> _Site | str
     dim, start, end, _ = bounds[rotated]
     if start == end:
         return None
-    rotated_val = fake_value(rotated)
     region, exits = _grow_region(rotated, position)
     kept = None
-    for exit_node in reversed(exits):
-        exit_val = fake_value(exit_node)
-        if not isinstance(exit_val, torch.Tensor) or not _same_shape(exit_val.shape, rotated_val.shape):
-            continue
+    for exit_node, exit_val in _exits_shaped_like(rotated, exits):
         puts_back = assembly.args[1] is exit_node if scatters else set(parts) == {exit_node, *unrotated}
         if set(exit_node.users) != {assembly} or not puts_back:
             continue  # the rotated rows are not what the assembly puts back

@@ -178,10 +178,11 @@ def test_tables_that_are_graph_inputs_are_not_copied(monkeypatch):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_shared_tables_numerics(dtype):
+def test_shared_tables_numerics(dtype, inductor):
     args = layers_inputs("cuda", dtype, S=300, H=8, Hk=4, D=128)
-    compiled = Compiled(layers_sharing_tables)
+    compiled = Compiled(layers_sharing_tables, {"inductor": inductor})
     got = compiled(*args)
     assert any("tables computed once" in r.by for r in compiled.report.rewrites), compiled.report
     for g, want in zip(got, layers_sharing_tables(*args)):
