@@ -16,6 +16,7 @@ from .batch_all_to_all import BatchAllToAll
 from .padded_buffer import PaddedBuffer
 from .fold_gathers import FoldGathers
 from .attention import Attention
+from .recompute_upcasts import RecomputeUpcasts
 
 PIPELINE = [
     UlyssesPrefix,
@@ -31,4 +32,5 @@ PIPELINE = [
     PipelineHeads,
     BatchAllToAll,
     Attention,
+    RecomputeUpcasts,
 ]

@@ -63,7 +63,7 @@ from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 from diffopt.kernels import attention as kernels
 from diffopt.compat import real_mode
 
-from .fx_utils import call_arguments, fake_value, insert_call, same_layout
+from .fx_utils import call_arguments, fake_value, insert_call, op_name, same_layout
 
 aten = torch.ops.aten
 
@@ -129,7 +129,7 @@ class Attention(GraphPass):
             elif not _rewrite(graph, call, backend):
                 log.decline(node, f"{text}; but the op's output layout differs from the stock call's")
             else:
-                log.add(node, _op_name(node.target), f"diffopt.attention[{backend}]; {text}")
+                log.add(node, op_name(node.target), f"diffopt.attention[{backend}]; {text}")
 
     def _choose(self, call: _Call, device: torch.device, decided: dict) -> tuple[str | None, str]:
         """The backend for ``call`` (None: stay stock) and what to say about it."""
@@ -219,10 +219,6 @@ def _dims(x: torch.Tensor) -> list[int]:
     return [_hint(size) for size in x.shape]
 
 
-def _op_name(target: Any) -> str:
-    return f"aten.{target._opname}"
-
-
 # --- measuring -------------------------------------------------------------------------
 
 
@@ -241,7 +237,7 @@ def _key(call: _Call, candidates: list[str], device: torch.device) -> dict[str, 
     q, k, v = call.fakes
     return {
         "op": "attention",
-        "stock": _op_name(call.node.target),
+        "stock": op_name(call.node.target),
         "q": _layout(q),
         "k": _layout(k),
         "v": _layout(v),

@@ -9,6 +9,8 @@ diffusers' Cosmos3 rotating one normed K twice (``k_und`` and its alias
 
 Optimized form: the second computation is dropped and its users read the first.
 Besides the saved work, later rewrites then see one value with one definition.
+An elementwise op merged this way whose result is larger than its inputs (an upcast)
+is computed in each consumer again after those rewrites (``recompute_upcasts``).
 
 Preconditions: the op is an ATen/prims op that neither mutates, draws random
 numbers, nor has a data-dependent output (``.item()``, ``nonzero``; a gather by
@@ -28,7 +30,12 @@ import torch.fx as fx
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from .fx_utils import is_pure
+from .fx_utils import is_pure, op_name
+
+
+# node.meta key of a node that took over duplicates' consumers: its own consumers then each duplicate's,
+# as lists (``recompute_upcasts`` gives each duplicate's its own copy again)
+MERGED = "diffopt_dedupe_merged"
 
 
 class Dedupe(GraphPass):
@@ -49,10 +56,11 @@ class Dedupe(GraphPass):
             original = first.setdefault(key, node)
             if original is node:
                 continue
+            original.meta.setdefault(MERGED, [list(original.users)]).append(list(node.users))
             node.replace_all_uses_with(original)
             graph.erase_node(node)
             if node.target is not operator.getitem:
-                log.add(node, replaced=f"second {_name(node.target)} of the same inputs", by="the first one's result")
+                log.add(node, replaced=f"second {op_name(node.target)} of the same inputs", by="the first one's result")
 
 
 def _key(node: fx.Node) -> Any:
@@ -75,6 +83,3 @@ def _freeze(value: Any) -> Any:
         raise TypeError("NaN constants never compare equal")
     return (type(value).__name__, value)
 
-
-def _name(target: Any) -> str:
-    return f"{target.namespace}.{target._opname}" if isinstance(target, torch._ops.OpOverload) else str(target)

@@ -53,7 +53,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from .fx_utils import erase_dead, fake_value, insert_call, same_layout
+from .fx_utils import erase_dead, fake_value, insert_call, op_name, same_layout
 
 from .step_invariant import computed_once, fold
 
@@ -153,7 +153,9 @@ class FoldGathers(GraphPass):
             node.replace_all_uses_with(folded)
             erase_dead(graph, [node])
             position[folded] = position.get(node, 0)
-            rewrites.append((node, f"({_op(inner.node)} -> {_op(node)})", outer.dim, _op(folded), index))
+            rewrites.append(
+                (node, f"({op_name(inner.node.target)} -> {op_name(node.target)})", outer.dim, op_name(folded.target), index)
+            )
         constants = fold(graph, within=set(graph.nodes) - stock)  # the index math inserted above
         for node, ops, dim, op, index in rewrites:
             where = "computed once (step-invariant)" if computed_once(index, constants) else "composed in the graph each call"
@@ -231,7 +233,3 @@ def _mutates(node: fx.Node) -> bool:
         return target._schema.is_mutable
     return isinstance(target, torch._ops.HigherOrderOperator) and "functional" not in target.name()
 
-
-def _op(node: fx.Node) -> str:
-    target = node.target
-    return f"aten.{target._opname}" if isinstance(target, torch._ops.OpOverload) else str(target)

@@ -38,6 +38,11 @@ def fake_value(node: Any) -> Any:
     return meta["val"] if "val" in meta else meta.get("example_value")
 
 
+def op_name(target: Any) -> str:
+    """How reports name an op: ``aten.mul``, ``prims.convert_element_type`` (no overload)."""
+    return f"{target.namespace}.{target._opname}" if isinstance(target, torch._ops.OpOverload) else str(target)
+
+
 def concrete(size: Any) -> int | None:
     """``size`` as an int where it is static, else None."""
     return int(size) if is_concrete_int(size) else None

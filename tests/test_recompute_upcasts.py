@@ -1,0 +1,116 @@
+"""recompute_upcasts: an upcast dedupe merged is computed in each consumer again, so that Inductor
+stores the narrow input, as it does for the stock code, and not the wide result."""
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffopt.testing import check_passes, count_ops, only, trace
+
+PASSES = ["dedupe", "recompute_upcasts"]
+CONVERT = "prims.convert_element_type.default"
+
+
+def wan_block_tail(x, a, wa, c, wc, w1, w2, table, temb):
+    """diffusers Wan's block from the self-attention's residual on: ``hidden_states.float()`` for the
+    FFN's norm and again for the residual after the FFN."""
+    gate, c_gate = (table + temb.float()).chunk(2, dim=0)
+    h = (x.float() + (a @ wa).float() * gate).type_as(x)  # self-attention residual
+    h = h + c @ wc  # cross-attention residual
+    n = F.layer_norm(h.float(), (h.shape[-1],)).type_as(h)
+    f = F.gelu(n @ w1) @ w2
+    return (h.float() + f.float() * c_gate).type_as(h)
+
+
+def tail_inputs(draw, dtype):
+    b, s, d = draw(st.integers(1, 2)), draw(st.integers(3, 40)), draw(st.sampled_from([16, 24, 64]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    def rand(*shape, dtype=dtype):
+        return (torch.rand(*shape, generator=g) * 2 - 1).to(dtype)
+
+    scale = d**-0.5
+    return (rand(b, s, d), rand(b, s, d), rand(d, d) * scale, rand(b, s, d), rand(d, d) * scale,
+            rand(d, 2 * d) * scale, rand(2 * d, d) * scale, rand(2, d, dtype=torch.float32), rand(2, d))
+
+
+@torch.no_grad()
+@settings(max_examples=8, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from([torch.bfloat16, torch.float16]), inductor=st.booleans())
+def test_a_merged_upcast_is_computed_in_each_consumer(data, dtype, inductor):
+    args = tail_inputs(data.draw, dtype)
+    result = check_passes(wan_block_tail, *args, passes=PASSES, inductor=inductor)
+    stock, merged = count_ops(result.before("dedupe")), count_ops(result.after("dedupe"))
+    after = count_ops(result.after("recompute_upcasts"))
+    assert merged[CONVERT] == stock[CONVERT] - 1 and after[CONVERT] == stock[CONVERT]
+    assert result.report.matches("dedupe") == 1 and result.report.matches("recompute_upcasts") == 1
+    # the pass changes no value: the same as eager up to the dtype's rounding, as stock Inductor is
+    torch.testing.assert_close(result.output, wan_block_tail(*args), atol=2e-2, rtol=2e-2)
+
+
+@torch.no_grad()
+@settings(max_examples=6, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_what_is_computed_from_the_upcast_stays_merged(data, dtype):
+    # q and k normed from one tensor with their own weights: one statistic, each product its own upcast
+    def two_norms(x, wq, wk):
+        a, b = x.float(), x.float()
+        qa = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6) * wq
+        qb = b * torch.rsqrt(b.pow(2).mean(-1, keepdim=True) + 1e-6) * wk
+        return qa.to(x.dtype), qb.to(x.dtype)
+
+    x, *_, table, _ = tail_inputs(data.draw, dtype)
+    args = (x, table[0] + 1, table[1] - 1)
+    result = check_passes(two_norms, *args, passes=PASSES, inductor=False)
+    stock, after = count_ops(result.before("dedupe")), count_ops(result.after("recompute_upcasts"))
+    assert stock["aten.mean.dim"] == 2 and after["aten.mean.dim"] == 1 and after["aten.rsqrt.default"] == 1
+    # the upcast and its product with the statistic, each computed for q and for k again
+    assert after[CONVERT] == stock[CONVERT] and after["aten.mul.Tensor"] == stock["aten.mul.Tensor"]
+    assert result.report.matches("recompute_upcasts") == 2
+    for got, want in zip(result.output, two_norms(*args)):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+@torch.no_grad()
+def test_near_misses_stay_as_they_are():
+    def shared_upcast(x):  # the stock code shares the upcast: nothing dedupe merged
+        a = x.float()
+        return F.layer_norm(a, (a.shape[-1],)), a + 1
+
+    def same_width(x):  # merged, but no larger than its input
+        return (x * 2).sum(-1), (x * 2).amax(-1)
+
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16)
+    assert check_passes(shared_upcast, x, passes=PASSES).report.matches("recompute_upcasts") == 0
+    result = check_passes(same_width, x.float(), passes=PASSES)
+    assert result.report.matches("dedupe") == 1 and result.report.matches("recompute_upcasts") == 0
+
+
+_ALLOCATION = re.compile(r"empty_strided_\w+\(\(([^)]*)\), \([^)]*\), torch\.(\w+)\)")
+
+
+def allocated_bytes(code: str) -> int:
+    """What Inductor's generated code allocates (its ``empty_strided`` calls; a buffer it reuses is
+    not allocated again)."""
+    return sum(
+        math.prod(int(size) for size in sizes.split(",") if size.strip()) * getattr(torch, dtype).itemsize
+        for sizes, dtype in _ALLOCATION.findall(code)
+    )
+
+
+@torch.no_grad()
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_inductor_allocates_no_more_than_for_the_stock_code(data):
+    # with the upcast merged, Inductor stored it in float32 across the FFN; stock, it keeps bf16
+    from torch._inductor.utils import run_and_get_code
+
+    args = tail_inputs(data.draw, torch.bfloat16)
+    allocated = {}
+    for name, options in (("diffopt", only(*PASSES)), ("merged", only("dedupe")), ("stock", only())):
+        _, code = run_and_get_code(lambda: trace(wan_block_tail, *args, options=options).output)
+        allocated[name] = allocated_bytes("\n".join(code))
+    assert 0 < allocated["diffopt"] <= allocated["stock"] < allocated["merged"], allocated
