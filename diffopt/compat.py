@@ -51,6 +51,7 @@ PRIVATE: dict[str, tuple[tuple[str, str], ...]] = {
     "inductor_cache_dir": (("torch._inductor.runtime.cache_dir_utils", "cache_dir"),),
     "triton_kernel_functional": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_functional"),),
     "triton_kernel_mutation": (("torch._higher_order_ops.triton_kernel_wrap", "triton_kernel_wrapper_mutation"),),
+    "force_stride_order": (("torch._inductor.inductor_prims", "force_stride_order"),),
     "FunctionalTensor": (("torch._subclasses.functional_tensor", "FunctionalTensor"),),
     "FunctionalTensorMode": (("torch._subclasses.functional_tensor", "FunctionalTensorMode"),),
     "set_grad_enabled": (("torch._C", "_set_grad_enabled"),),
@@ -118,6 +119,14 @@ def triton_kernel_nodes() -> tuple[Any, Any]:
     """(functional, mutating) higher-order ops of a user-defined Triton kernel launch in a graph
     (what ``torch.library.wrap_triton`` traces to; Inductor lowers them as its own kernels)."""
     return _required("triton_kernel_functional"), _required("triton_kernel_mutation")
+
+
+def force_stride_order() -> Any:
+    """Inductor's ``prims.inductor_force_stride_order(x, stride)``: the value of ``x`` (in eager, ``x`` itself
+    where its strides are ``stride``). Inductor lowers it to one realized buffer with those strides, which
+    every consumer then reads; a consumer that needs fixed strides, such as a user-defined Triton kernel,
+    otherwise makes its own copy of an unrealized elementwise input (one per consumer)."""
+    return _required("force_stride_order")
 
 
 def autograd_state_switches() -> set[Any]:

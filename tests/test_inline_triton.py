@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffopt import compat
 from diffopt.testing import ON_CPU, Compiled, trace
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -156,7 +157,10 @@ def test_tables_read_by_several_launches_are_computed_once(monkeypatch):
         tables = {launch.kwargs["kwargs"][name] for launch in launches}
         assert len(tables) == 1, name
         (table,) = tables
-        assert table.target is torch.ops.aten.clone.default and table.meta["val"].is_contiguous()
+        # one contiguous copy, its strides forced: Inductor realizes it once (a clone alone, it inlines, and
+        # every launch makes its own copy)
+        assert table.target is compat.force_stride_order() and table.meta["val"].is_contiguous()
+        assert table.args[0].target is torch.ops.aten.clone.default
     assert result.report.matches("inline_triton") == 2  # the launches (the tables are part of their rewrite)
     assert sum("tables computed once for 2 launches" in r.by for r in result.report.rewrites) == 2
 
@@ -172,7 +176,7 @@ def test_tables_that_are_graph_inputs_are_not_copied(monkeypatch):
     launches = _launches(result)
     assert len(launches) == 2
     graph = result.graphs[-1][3]
-    assert not any(n.target is torch.ops.aten.clone.default for n in graph.nodes)
+    assert not any(n.target in (torch.ops.aten.clone.default, compat.force_stride_order()) for n in graph.nodes)
     assert not any("tables computed once" in r.by for r in result.report.rewrites)
 
 
@@ -181,13 +185,75 @@ def test_tables_that_are_graph_inputs_are_not_copied(monkeypatch):
 @pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_shared_tables_numerics(dtype, inductor):
+    from torch._inductor.utils import run_and_get_code
+
     args = layers_inputs("cuda", dtype, S=300, H=8, Hk=4, D=128)
     compiled = Compiled(layers_sharing_tables, {"inductor": inductor})
-    got = compiled(*args)
+    got, codes = run_and_get_code(compiled, *args)
     assert any("tables computed once" in r.by for r in compiled.report.rewrites), compiled.report
+    if inductor:  # one buffer per table (cos, sin) for both launches
+        assert "\n".join(codes).count("empty_strided_cuda((1, 300, 1, 128)") == 2, codes
     for g, want in zip(got, layers_sharing_tables(*args)):
         assert g.stride() == want.stride()
         torch.testing.assert_close(g, want, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+
+
+_FIXED_STRIDES = None
+
+
+def _fixed_stride_op():
+    """A stand-in for a launch on CPU: a custom op that needs fixed strides, as a user-defined Triton kernel
+    does in Inductor."""
+    global _FIXED_STRIDES
+    if _FIXED_STRIDES is None:
+        _FIXED_STRIDES = torch.library.Library("diffopt_inline_test", "DEF")
+        _FIXED_STRIDES.define("scale(Tensor x, Tensor table) -> Tensor", tags=[torch.Tag.needs_fixed_stride_order])
+        _FIXED_STRIDES.impl("scale", lambda x, table: x * table.sum(), "CompositeExplicitAutograd")
+        _FIXED_STRIDES.impl("scale", lambda x, table: torch.empty_like(x), "Meta")
+    return torch.ops.diffopt_inline_test.scale.default
+
+
+class _ShareTable(compat.CustomGraphPass):
+    """Every stand-in launch made to read one copy of its table: ``_materialize_once``, or a plain clone."""
+
+    def __init__(self, forced):
+        self.forced = forced
+
+    def __call__(self, graph):
+        from diffopt.fxpasses import inline_triton
+
+        readers = [node for node in graph.nodes if node.target is _fixed_stride_op()]
+        table = readers[0].args[1]
+        if self.forced:
+            inline_triton._materialize_once(graph, table, [(node, 1) for node in readers])
+            return
+        with graph.inserting_after(table):
+            copy = graph.call_function(torch.ops.aten.clone.default, (table,), {"memory_format": torch.contiguous_format})
+        copy.meta["val"] = table.meta["val"].clone()
+        for node in readers:
+            node.update_arg(1, copy)
+
+    def uuid(self):
+        return f"test_inline_triton._ShareTable({self.forced})"
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["materialize_once", "clone only"])
+def test_a_shared_table_is_one_buffer_in_inductors_code(forced):
+    from torch._inductor.utils import run_and_get_code
+
+    scale = _fixed_stride_op()
+
+    def two_launches(x, base):
+        table = (base.cos() * 2)[3:].unsqueeze(0)
+        return scale(scale(x, table), table)
+
+    x, base = torch.randn(4, 8), torch.randn(int(torch.randint(5, 30, ())), 8)
+    torch.compiler.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False, post_grad_custom_post_pass=_ShareTable(forced)):
+        out, codes = run_and_get_code(torch.compile(two_launches), x, base)
+    # a clone alone is inlined, and each consumer that needs fixed strides makes its own copy
+    assert "\n".join(codes).count(f"empty_strided_cpu((1, {base.shape[0] - 3}, 8)") == (1 if forced else 2)
+    torch.testing.assert_close(out, two_launches(x, base))
 
 
 # --- an output read only by a cat: the kernel writes into the cat's buffer -----------------------------
@@ -262,7 +328,7 @@ def test_tables_that_are_not_one_computed_value_are_not_shared(monkeypatch, why)
     assert len(launches) == 2, why
     for launch in launches:
         for name in ("cos_ptr", "sin_ptr"):
-            assert launch.kwargs["kwargs"][name].target is not torch.ops.aten.clone.default, (why, name)
+            assert launch.kwargs["kwargs"][name].target is not compat.force_stride_order(), (why, name)
     assert not any("tables computed once" in r.by for r in result.report.rewrites), why
 
 
