@@ -27,7 +27,10 @@ Per configuration, over all measured iterations of all repeats: median and min m
 forward (each call timed alone: CUDA events, the host waiting between calls); the spread of
 the per-repeat medians; steady-state peak memory above the inputs (max allocated over the
 measured calls minus what was allocated once weights and inputs were in place), and the same
-over the first call and warm-up (compile, autotuning, CUDA-graph recording); the cold first
+over the first call and warm-up (compile, autotuning, CUDA-graph recording); the memory held
+between calls after warm-up (reserved by the caching allocator once its free cache is
+released, minus the same before compiling: under CUDA graphs, the graphs' private pool, which
+the steady-state peak cannot see because replays allocate nothing); the cold first
 call in seconds (compile included); the error against eager's output (max abs error over
 max abs of eager, and relative L2); diffopt's rewrites per pass (counted per compiled
 graph: a regional compile counts one block). Writes ``bench_models.json`` (rewritten after
@@ -216,6 +219,7 @@ def summarize(runs: Sequence[dict]) -> dict:
         repeat_compile_s=[run["compile_s"] for run in ok],
         peak_GB=None if largest("peak_bytes") is None else largest("peak_bytes") / 1e9,
         first_calls_peak_GB=None if largest("first_calls_peak_bytes") is None else largest("first_calls_peak_bytes") / 1e9,
+        held_GB=None if largest("held_bytes") is None else largest("held_bytes") / 1e9,
         rel_err_max=largest("rel_err_max"),
         rel_err_l2=largest("rel_err_l2"),
         rewrites=ok[0].get("rewrites"),
@@ -244,13 +248,13 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def table(results: Sequence[dict]) -> str:
     """The results as an aligned Markdown table."""
-    header = ("workload", "config", "median ms", "min ms", "spread %", "vs inductor", "peak GB",
+    header = ("workload", "config", "median ms", "min ms", "spread %", "vs inductor", "peak GB", "held GB",
               "compile s", "rel err max", "rel L2", "rewrites / error")
     rows = [header]
     for row in results:
         start = (row["workload"], row["config"])
         if row.get("median_ms") is None:
-            rows.append(start + ("failed",) + ("",) * 7 + (row["errors"][0][:160] if row["errors"] else "not run",))
+            rows.append(start + ("failed",) + ("",) * 8 + (row["errors"][0][:160] if row["errors"] else "not run",))
             continue
         rewrites = ", ".join(f"{name} {count}" for name, count in (row.get("rewrites") or {}).items() if count)
         failed = f" ({row['failed_repeats']} failed)" if row["failed_repeats"] else ""
@@ -260,6 +264,7 @@ def table(results: Sequence[dict]) -> str:
             _fmt(row["spread_pct"], ".1f"),
             _fmt(row["vs_inductor"], ".3f"),
             _fmt(row["peak_GB"], ".3f"),
+            _fmt(row.get("held_GB"), ".3f"),
             _fmt(row["compile_s"], ".1f"),
             _fmt(row["rel_err_max"], ".2e"),
             _fmt(row["rel_err_l2"], ".2e"),
@@ -326,7 +331,7 @@ def plot(results: Sequence[dict], meta: dict, path: Path) -> Path | None:
 def run_child(spec: dict) -> dict:
     """Build, compile and time one configuration (in a process of its own)."""
     import torch
-    from measure import Peak, cuda_peak_above, live_at_peak, ms_per_call
+    from measure import Peak, cuda_peak_above, cuda_reserved, live_at_peak, ms_per_call
     from torch.utils._pytree import tree_leaves
 
     from diffopt.models.diffusers_models import cast_like_from_pretrained
@@ -346,6 +351,7 @@ def run_child(spec: dict) -> dict:
         torch.cuda.empty_cache()
     result["build_s"] = time.perf_counter() - start
     base = torch.cuda.memory_allocated() if cuda else None
+    base_reserved = cuda_reserved() if cuda else None
 
     if config.backend == "eager":
         fn = model
@@ -368,6 +374,9 @@ def run_child(spec: dict) -> dict:
             result["compile_s"] = time.perf_counter() - start
             for _ in range(spec["warmup"]):
                 fn(**inputs)
+        # held between calls; under CUDA graphs this is the graphs' memory pool, which the steady-state
+        # peak (replays allocate nothing) does not see
+        result["held_bytes"] = cuda_reserved() - base_reserved if cuda else None
         with peak_above_base() as peak:
             result["ms"] = ms_per_call(lambda: fn(**inputs), spec["iters"], device)
         if spec.get("memory_breakdown") and cuda:

@@ -27,6 +27,15 @@ def cuda_peak_above(base: int | None = None) -> Iterator[Peak]:
     peak.bytes = torch.cuda.max_memory_allocated() - base
 
 
+def cuda_reserved() -> int:
+    """Bytes the caching allocator holds from the device once its unused cached blocks are released: what
+    stays between calls (live tensors, and the private pools CUDA graphs replay in, which
+    ``memory_allocated`` does not count once a replay has returned)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved()
+
+
 def ms_per_call(fn: Callable[[], object], iters: int, device: torch.device) -> list[float]:
     """Milliseconds of each of ``iters`` calls of ``fn()``, each call timed on its own.
 

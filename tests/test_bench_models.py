@@ -176,7 +176,7 @@ def test_tiny_run_has_every_configuration_with_finite_numbers(tiny_run):
         for key in ("median_ms", "min_ms", "compile_s", "vs_inductor"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key)
         assert row["min_ms"] <= row["median_ms"]
-        assert row["peak_GB"] is None  # no CUDA
+        assert row["peak_GB"] is None and row["held_GB"] is None  # no CUDA
         assert Path(row["runs"][0]["log"]).exists()
     for name in ("inductor", "diffopt"):
         assert results[name]["rel_err_max"] < 1e-4 and results[name]["rel_err_l2"] < 1e-4, name
@@ -233,6 +233,7 @@ def test_tiny_run_on_cuda_measures_peak_memory(tmp_path):
     for name, row in results.items():
         assert row["failed_repeats"] == 0, (name, row["errors"])
         assert row["peak_GB"] >= 0 and row["first_calls_peak_GB"] >= 0, name
+        assert row["held_GB"] is not None, name
         if name != "eager":
             assert row["rel_err_max"] < 1e-3, name
     assert data["meta"]["env"]["gpu"]
