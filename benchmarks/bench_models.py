@@ -61,6 +61,7 @@ from pathlib import Path
 
 BACKENDS = ("eager", "inductor", "diffopt")
 MODES = ("reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -284,7 +285,8 @@ BACKEND_COLORS = {"eager": "#9e9e9e", "inductor": "#1f77b4", "diffopt": "#ff7f0e
 
 def plot(results: Sequence[dict], meta: dict, path: Path) -> Path | None:
     """Median ms (whiskers: min and max of the repeat medians) and steady-state peak GB per
-    workload and configuration; ``None`` without matplotlib."""
+    workload and configuration (under CUDA graphs, where replays allocate nothing, the memory held
+    between calls instead); ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -304,17 +306,20 @@ def plot(results: Sequence[dict], meta: dict, path: Path) -> Path | None:
         medians = [row.get("median_ms") or 0 for row in rows]
         spread = [(m - min(row.get("repeat_median_ms") or [m]), max(row.get("repeat_median_ms") or [m]) - m)
                   for m, row in zip(medians, rows)]
-        peaks = [row.get("peak_GB") for row in rows]
+        graphed = [row.get("mode") in CUDA_GRAPH_MODES for row in rows]
+        peaks = [row.get("held_GB") if cuda_graphs else row.get("peak_GB") for row, cuda_graphs in zip(rows, graphed)]
         time_axis.barh(labels, medians, color=colors, xerr=list(zip(*spread)), capsize=2)
         memory_axis.barh(labels, [peak or 0 for peak in peaks], color=colors)
         for axis, values in ((time_axis, medians), (memory_axis, peaks)):
-            for y, (row, value) in enumerate(zip(rows, values)):
+            for y, (row, value, cuda_graphs) in enumerate(zip(rows, values, graphed)):
                 text = "failed" if row.get("median_ms") is None else ("-" if value is None else f"{value:.3g}")
+                if axis is memory_axis and cuda_graphs and row.get("median_ms") is not None:
+                    text += " held (CUDA graphs' pool)" if value is not None else " (CUDA graphs: pool not measured)"
                 axis.text(value or 0, y, " " + text, va="center", fontsize=7)
             axis.tick_params(labelsize=7)
             axis.margins(x=0.15)
         time_axis.set_title(f"{name}: ms per forward (median; whiskers: repeat medians)", fontsize=9, loc="left")
-        memory_axis.set_title(f"{name}: peak GB above inputs", fontsize=9, loc="left")
+        memory_axis.set_title(f"{name}: peak GB above inputs (CUDA graphs: GB held)", fontsize=9, loc="left")
         memory_axis.set_yticks(range(len(rows)), [""] * len(rows))
     env = meta.get("env") or {}
     figure.suptitle(f"{meta.get('date', '')[:10]}  {env.get('gpu') or env.get('device', '')}  torch {env.get('torch', '')}",

@@ -45,28 +45,30 @@ class RecomputeUpcasts(GraphPass):
 
     def apply(self, graph: fx.Graph, log: RewriteLog) -> None:
         sources: dict[fx.Node, frozenset[fx.Node]] = {}
-        widening = []
+        widening, merged = [], {}
         for node in graph.nodes:
+            if MERGED in node.meta:
+                merged[node] = node.meta.pop(MERGED)
             if _elementwise(node) or is_view(node):
                 sources[node] = _sources(node, sources)
-                if node.meta.get(MERGED) and _elementwise(node) and _larger_than_each(node, sources[node]):
+                if node in merged and _elementwise(node) and _larger_than_each(node, sources[node]):
                     widening.append(node)
         # downstream first: a copy of a later op is a consumer the earlier op did not have when merged
         for node in reversed(widening):
-            groups = [[user for user in group if user in node.users] for group in node.meta.pop(MERGED)]
-            grouped = {user for group in groups for user in group}
-            groups += [[user] for user in node.users if user not in grouped]
-            copies = 0
+            groups, seen = [], set()
+            for group in [*merged[node], *([user] for user in node.users)]:
+                # each consumer once, in the first group it is in (a consumer may have read both duplicates)
+                group = [user for user in group if user in node.users and user not in seen]
+                seen.update(group)
+                if group:  # empty: that duplicate's consumers were merged or rewritten away
+                    groups.append(group)
             for group in groups[1:]:
-                if not group:  # that duplicate's consumers were merged or rewritten away
-                    continue
                 with graph.inserting_before(min(group, key=_position(graph))):
                     copy = graph.node_copy(node)
                 for user in group:
                     user.replace_input_with(node, copy)
-                copies += 1
-            if copies:
-                log.add(node, replaced=f"one {op_name(node.target)} for {copies + 1} computations of it",
+            if len(groups) > 1:
+                log.add(node, replaced=f"one {op_name(node.target)} for {len(groups)} computations of it",
                         by="one in each (its result is larger than what it is computed from)")
 
 

@@ -83,8 +83,14 @@ def test_near_misses_stay_as_they_are():
     def same_width(x):  # merged, but no larger than its input
         return (x * 2).sum(-1), (x * 2).amax(-1)
 
+    def one_consumer(x):  # both duplicates read by one op: one copy is what the stock code computes there
+        return F.layer_norm(x.float() * x.float(), (x.shape[-1],))
+
     x = torch.randn(3, 5, 16, dtype=torch.bfloat16)
     assert check_passes(shared_upcast, x, passes=PASSES).report.matches("recompute_upcasts") == 0
+    result = check_passes(one_consumer, x, passes=PASSES)
+    assert result.report.matches("dedupe") == 1 and result.report.matches("recompute_upcasts") == 0
+    assert count_ops(result.after("recompute_upcasts"))[CONVERT] == 1
     result = check_passes(same_width, x.float(), passes=PASSES)
     assert result.report.matches("dedupe") == 1 and result.report.matches("recompute_upcasts") == 0
 
