@@ -3,6 +3,7 @@ stores the narrow input, as it does for the stock code, and not the wide result.
 import math
 import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -95,22 +96,38 @@ def test_near_misses_stay_as_they_are():
     assert result.report.matches("dedupe") == 1 and result.report.matches("recompute_upcasts") == 0
 
 
-_ALLOCATION = re.compile(r"empty_strided_\w+\(\(([^)]*)\), \([^)]*\), torch\.(\w+)\)")
+BACKEND_UNDER_TEST = "diffopt"
+_ALLOCATION = re.compile(r"(buf\d+) = empty_strided_\w+\(\(([^)]*)\), \([^)]*\), torch\.(\w+)\)")
+_ALIAS = re.compile(r"(buf\d+) = (?:reinterpret_tensor\()?(buf\d+)\b")
+_DELETE = re.compile(r"\bdel (buf\d+)")
 
 
-def allocated_bytes(code: str) -> int:
-    """What Inductor's generated code allocates (its ``empty_strided`` calls; a buffer it reuses is
-    not allocated again)."""
-    return sum(
-        math.prod(int(size) for size in sizes.split(",") if size.strip()) * getattr(torch, dtype).itemsize
-        for sizes, dtype in _ALLOCATION.findall(code)
-    )
+def planned_peak_bytes(code: str) -> int:
+    """The peak of the buffers Inductor's generated code allocates itself (``empty_strided``), replayed
+    through its reuses (``bufB = bufA; del bufA  # reuse``, ``reinterpret_tensor``) and ``del`` lines.
+    Buffers extern kernels return are not counted: both backends' graphs hold the same ones here."""
+    storage, size = {}, {}  # name -> storage id, storage id -> bytes
+    live = peak = 0
+    for statement in (part.strip() for line in code.splitlines() for part in line.split(";")):
+        if match := _ALLOCATION.match(statement):
+            name, sizes, dtype = match.groups()
+            storage[name] = name
+            size[name] = math.prod(int(n) for n in sizes.split(",") if n.strip()) * getattr(torch, dtype).itemsize
+            live += size[name]
+            peak = max(peak, live)
+        elif (match := _ALIAS.match(statement)) and match.group(2) in storage:
+            storage[match.group(1)] = storage[match.group(2)]
+        elif (match := _DELETE.match(statement)) and match.group(1) in storage:
+            freed = storage.pop(match.group(1))
+            if freed not in storage.values():
+                live -= size[freed]
+    return peak
 
 
 @torch.no_grad()
 @settings(max_examples=3, deadline=None)
 @given(data=st.data())
-def test_inductor_allocates_no_more_than_for_the_stock_code(data):
+def test_inductors_planned_peak_is_no_higher_than_for_the_stock_code(data):
     # with the upcast merged, Inductor stored it in float32 across the FFN; stock, it keeps bf16
     from torch._inductor.utils import run_and_get_code
 
@@ -118,5 +135,31 @@ def test_inductor_allocates_no_more_than_for_the_stock_code(data):
     allocated = {}
     for name, options in (("diffopt", only(*PASSES)), ("merged", only("dedupe")), ("stock", only())):
         _, code = run_and_get_code(lambda: trace(wan_block_tail, *args, options=options).output)
-        allocated[name] = allocated_bytes("\n".join(code))
+        allocated[name] = planned_peak_bytes("\n".join(code))
     assert 0 < allocated["diffopt"] <= allocated["stock"] < allocated["merged"], allocated
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 2])
+def test_diffusers_wan_planned_peak_is_no_higher_than_under_inductor(batch):
+    # the whole stock model (tiny): with the block's upcasts left merged, the planned peak is 20% higher
+    # (on the GPU at 480p, batch 2, regional: +11% of the real peak)
+    pytest.importorskip("diffusers")
+    from torch._inductor.utils import run_and_get_code
+
+    from diffopt.models import get_config
+    from diffopt.models.diffusers_models import build_diffusers_wan, cast_like_from_pretrained, diffusers_wan_inputs
+    from diffopt.testing import no_caches
+
+    config = get_config("wan-tiny", num_layers=2)
+    allocated = {}
+    for backend in ("inductor", BACKEND_UNDER_TEST):
+        torch.manual_seed(0)
+        torch.compiler.reset()
+        model = build_diffusers_wan(config)
+        cast_like_from_pretrained(model, torch.bfloat16)
+        inputs = {**diffusers_wan_inputs(config, batch_size=batch, dtype=torch.bfloat16), "return_dict": False}
+        with no_caches():
+            _, codes = run_and_get_code(lambda: torch.compile(model, backend=backend)(**inputs))
+        allocated[backend] = planned_peak_bytes("\n".join(codes))
+    assert 0 < allocated[BACKEND_UNDER_TEST] <= allocated["inductor"], allocated
