@@ -122,10 +122,10 @@ def triton_kernel_nodes() -> tuple[Any, Any]:
 
 
 def force_stride_order() -> Any:
-    """Inductor's ``prims.inductor_force_stride_order(x, stride)``: the value of ``x`` (in eager, ``x`` itself
-    where its strides are ``stride``). Inductor lowers it to one realized buffer with those strides, which
-    every consumer then reads; a consumer that needs fixed strides, such as a user-defined Triton kernel,
-    otherwise makes its own copy of an unrealized elementwise input (one per consumer)."""
+    """Inductor's ``prims.inductor_force_stride_order(x, stride)``: the value of ``x`` with those strides (in
+    eager, a copy; ``stride`` must be concrete ints). Inductor lowers it to one realized buffer, which
+    every consumer then reads, where a consumer that needs fixed strides (a user-defined Triton kernel)
+    makes its own copy of an input that is not a buffer yet (one per consumer)."""
     return _required("force_stride_order")
 
 

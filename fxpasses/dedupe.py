@@ -18,7 +18,8 @@ integer indices, ``table[positions]``, has none), and both nodes have the same
 target, the same arguments (the same nodes or equal constants) and the same
 keyword arguments, and the op is not an allocation (``empty``, ``empty_like``,
 ``empty_strided``: undefined contents, and one shared buffer would live from the
-first use to the last).
+first use to the last), and not both the original and the duplicate are outputs (or
+views of outputs): merged, they would be one tensor.
 """
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ import torch.fx as fx
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from .fx_utils import is_pure, op_name
+from .fx_utils import is_pure, is_view, op_name
 
 
-# node.meta key of a node that took over duplicates' consumers: its own consumers then each duplicate's,
-# as lists (``recompute_upcasts`` gives each duplicate's its own copy again)
+# node.meta key of a node that took over duplicates' consumers: the names of its own consumers, then of
+# each duplicate's, as lists (``recompute_upcasts`` gives each duplicate's its own copy again). Names, not
+# nodes: the pipeline's restore after a failed pass copies the graph, and the names stay.
 MERGED = "diffopt_dedupe_merged"
 
 
@@ -56,11 +58,31 @@ class Dedupe(GraphPass):
             original = first.setdefault(key, node)
             if original is node:
                 continue
-            original.meta.setdefault(MERGED, [list(original.users)]).append(list(node.users))
+            if _reaches_output(original) and _reaches_output(node):
+                # merged, the two outputs would be one tensor: writing into one would change the other
+                log.decline(node, f"second {op_name(node.target)} of the same inputs kept: both are outputs")
+                continue
+            original.meta.setdefault(MERGED, [[user.name for user in original.users]]).append(
+                [user.name for user in node.users]
+            )
             node.replace_all_uses_with(original)
             graph.erase_node(node)
             if node.target is not operator.getitem:
                 log.add(node, replaced=f"second {op_name(node.target)} of the same inputs", by="the first one's result")
+
+
+def _reaches_output(node: fx.Node) -> bool:
+    """Whether the graph returns ``node`` or a view of it."""
+    work, seen = [node], set()
+    while work:
+        current = work.pop()
+        for user in current.users:
+            if user.op == "output":
+                return True
+            if user not in seen and (is_view(user) or user.target is operator.getitem):
+                seen.add(user)
+                work.append(user)
+    return False
 
 
 def _key(node: fx.Node) -> Any:

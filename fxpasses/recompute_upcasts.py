@@ -15,13 +15,16 @@ merged, it kept the float32 upcast: 2 bytes more per element (201 MB more at Wan
 +11% of the peak).
 
 Optimized form: each duplicate's consumers read their own copy again, as in the stock code, and
-Inductor fuses each copy into its consumers. ``dedupe`` merges first so that the
-rewrites between the two see one value; this pass runs after them.
+Inductor fuses each copy into its consumers. ``dedupe`` merges first so that the rewrites between
+the two see one value; this pass runs after them. A copy goes right after the original, so it reads
+its inputs where the original does, before any write the graph makes into them.
 
-Preconditions: ``dedupe`` merged the node (the pass copies only what it merged; an upcast the stock
-code shares stays shared, as Inductor has it), it is elementwise (a pointwise op or a dtype ``_to_copy``), and its result has more bytes
-than each of its sources: the nearest tensors above it that are not views or elementwise ops, which
-is what Inductor reads to compute it inside a consumer.
+Preconditions: ``dedupe`` merged the node and recorded which consumers each duplicate had (the pass
+copies only that: an upcast the stock code shares stays shared, as Inductor has it, and a consumer
+a later pass created stays with the original); it is elementwise (a pointwise op or a dtype
+``_to_copy``); and its result has more bytes than each of its sources, the nearest tensors above it
+that are not views or elementwise ops (what Inductor reads to compute it inside a consumer; sizes
+are not sources, so symbolic shapes qualify).
 """
 from __future__ import annotations
 
@@ -54,27 +57,30 @@ class RecomputeUpcasts(GraphPass):
                 if node in merged and _elementwise(node) and _larger_than_each(node, sources[node]):
                     widening.append(node)
         # downstream first: a copy of a later op is a consumer the earlier op did not have when merged
+        made: set[fx.Node] = set()
         for node in reversed(widening):
-            groups, seen = [], set()
-            for group in [*merged[node], *([user] for user in node.users)]:
-                # each consumer once, in the first group it is in (a consumer may have read both duplicates)
-                group = [user for user in group if user in node.users and user not in seen]
+            recorded = [[user for user in node.users if user.name in names] for names in merged[node]]
+            # each consumer once, in the first group it is in (a consumer may have read both duplicates);
+            # one the records do not name stays with the original, unless it is a copy made here
+            seen: set[fx.Node] = set()
+            groups = []
+            for group in recorded + [[user] for user in node.users if user in made]:
+                group = [user for user in group if user not in seen]
                 seen.update(group)
-                if group:  # empty: that duplicate's consumers were merged or rewritten away
-                    groups.append(group)
+                groups.append(group)
+            groups[0] += [user for user in node.users if user not in seen]
+            groups = [group for group in groups if group]  # empty: consumers merged or rewritten away
             for group in groups[1:]:
-                with graph.inserting_before(min(group, key=_position(graph))):
+                # right after the original: it reads its inputs where the original does, before any
+                # write the graph makes into them (an updated buffer or input)
+                with graph.inserting_after(node):
                     copy = graph.node_copy(node)
+                made.add(copy)
                 for user in group:
                     user.replace_input_with(node, copy)
             if len(groups) > 1:
                 log.add(node, replaced=f"one {op_name(node.target)} for {len(groups)} computations of it",
                         by="one in each (its result is larger than what it is computed from)")
-
-
-def _position(graph: fx.Graph):
-    order = {node: index for index, node in enumerate(graph.nodes)}
-    return order.__getitem__
 
 
 def _elementwise(node: fx.Node) -> bool:
@@ -88,7 +94,10 @@ def _sources(node: fx.Node, memo: dict[fx.Node, frozenset[fx.Node]]) -> frozense
     every such op before ``node``: the graph is visited in order)."""
     found: set[fx.Node] = set()
     for arg in node.all_input_nodes:
-        found |= memo[arg] if arg in memo else {arg}
+        if arg in memo:
+            found |= memo[arg]
+        elif isinstance(fake_value(arg), torch.Tensor):  # not a size (a reshape's symbolic size)
+            found.add(arg)
     return frozenset(found)
 
 

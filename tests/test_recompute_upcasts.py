@@ -27,8 +27,12 @@ def wan_block_tail(x, a, wa, c, wc, w1, w2, table, temb):
 
 
 def tail_inputs(draw, dtype):
-    b, s, d = draw(st.integers(1, 2)), draw(st.integers(3, 40)), draw(st.sampled_from([16, 24, 64]))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    return tail_inputs_of(draw(st.integers(1, 2)), draw(st.integers(3, 40)), draw(st.sampled_from([16, 24, 64])),
+                          draw(st.integers(0, 2**31 - 1)), dtype)
+
+
+def tail_inputs_of(b, s, d, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, dtype=dtype):
         return (torch.rand(*shape, generator=g) * 2 - 1).to(dtype)
@@ -162,3 +166,86 @@ def test_diffusers_wan_planned_peak_is_no_higher_than_under_inductor(batch):
             _, codes = run_and_get_code(lambda: torch.compile(model, backend=backend)(**inputs))
         allocated[backend] = planned_peak_bytes("\n".join(codes))
     assert 0 < allocated["diffopt"] <= allocated["inductor"], allocated
+
+
+# --- what the copies must not change ----------------------------------------------------------------
+
+
+class UpdatesItsBuffer(torch.nn.Module):
+    """Reads a bf16 buffer's upcast twice, then updates the buffer in place (the update is part of the
+    graph Inductor compiles): a copy of the upcast must read the buffer as it was."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("state", torch.randn(n).to(torch.bfloat16))
+
+    def forward(self, x):
+        y = x * F.layer_norm(self.state.float(), (self.state.shape[-1],))
+        snapshot = self.state.float()  # read by the output only: a copy for it would go right before it
+        self.state.mul_(2)
+        return y, snapshot
+
+
+@torch.no_grad()
+@settings(max_examples=4, deadline=None)
+@given(n=st.integers(4, 64), seed=st.integers(0, 2**31 - 1))
+def test_a_copy_reads_an_input_before_the_graph_updates_it(n, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(n)
+    eager_module, compiled_module = UpdatesItsBuffer(n), UpdatesItsBuffer(n)
+    compiled_module.load_state_dict(eager_module.state_dict())
+    want = eager_module(x)
+    result = trace(compiled_module, x, options=only(*PASSES))
+    assert result.report.matches("recompute_upcasts") == 1
+    for got, expected in zip(result.output, want):
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(compiled_module.state, eager_module.state)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "aten"])
+def test_two_outputs_are_two_tensors(inductor):
+    def twice(x):
+        return x.float(), x.float().view(-1)
+
+    x = torch.randn(4, 6, dtype=torch.bfloat16)
+    result = trace(twice, x, options=only(*PASSES, inductor=inductor))
+    a, b = result.output
+    assert result.report.matches("dedupe") == 0
+    assert any("both are outputs" in d.reason for d in result.report.declines if d.pass_name == "dedupe")
+    a.add_(1)
+    torch.testing.assert_close(b, x.float().view(-1))
+
+
+@torch.no_grad()
+@settings(max_examples=4, deadline=None)
+@given(s=st.integers(3, 40), seed=st.integers(0, 2**31 - 1), inductor=st.booleans())
+def test_fires_under_symbolic_sizes(s, seed, inductor):
+    args = tail_inputs_of(2, s, 16, seed, torch.bfloat16)
+    result = trace(wan_block_tail, *args, options=only(*PASSES, inductor=inductor), dynamic=True)
+    assert result.report.matches("recompute_upcasts") == 1
+    torch.testing.assert_close(result.output, wan_block_tail(*args), atol=2e-2, rtol=2e-2)
+
+
+@torch.no_grad()
+def test_after_a_failed_pass_the_stock_sharing_is_kept(monkeypatch):
+    # the pipeline restores the graph a raising pass leaves (a copy: new nodes, the same names)
+    from diffopt.fxpasses import fold_invariant
+
+    def shared_and_duplicated(x):
+        a = x.float()  # shared by the stock code: stays one
+        b = x.float()  # a duplicate of it: gets its own copy back
+        return F.layer_norm(a, (a.shape[-1],)), a + 1, b * 3
+
+    def raising(self, graph, log):
+        raise RuntimeError("a bug in a pass")
+
+    monkeypatch.setattr(fold_invariant.FoldInvariant, "apply", raising)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    options = {**only("dedupe", "fold_invariant", "recompute_upcasts"), "strict": False}
+    result = trace(shared_and_duplicated, x, options=options)
+    assert [run.pass_name for run in result.report.failures()] == ["fold_invariant"]
+    stock, after = count_ops(result.before("dedupe")), count_ops(result.after("recompute_upcasts"))
+    assert after[CONVERT] == stock[CONVERT] == 2
+    for got, want in zip(result.output, shared_and_duplicated(x)):
+        torch.testing.assert_close(got, want)
