@@ -122,10 +122,11 @@ def triton_kernel_nodes() -> tuple[Any, Any]:
 
 
 def force_stride_order() -> Any:
-    """Inductor's ``prims.inductor_force_stride_order(x, stride)``: the value of ``x`` with those strides (in
-    eager, a copy; ``stride`` must be concrete ints). Inductor lowers it to one realized buffer, which
-    every consumer then reads, where a consumer that needs fixed strides (a user-defined Triton kernel)
-    makes its own copy of an input that is not a buffer yet (one per consumer)."""
+    """Inductor's ``prims.inductor_force_stride_order(x, stride)``: the value of ``x`` (in eager, a copy with
+    those strides; ``stride`` must be concrete ints). Inductor lowers it to ``x`` in that stride *order*: a
+    buffer ``x`` already is, when its order matches, else one realized copy, which every consumer then
+    reads, where a consumer that needs fixed strides (a user-defined Triton kernel) makes its own copy
+    of an input that is not a buffer yet (one per consumer)."""
     return _required("force_stride_order")
 
 

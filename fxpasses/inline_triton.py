@@ -172,21 +172,29 @@ def _shared_tables(nodes: list[fx.Node], launches: dict[Any, _Launch]) -> dict[f
 
 
 def _materialize_once(graph: fx.Graph, table: fx.Node, readers: list[tuple[fx.Node, int]]) -> None:
-    """One contiguous copy of ``table`` for all ``readers``: its strides forced, which Inductor lowers to
-    one buffer that every launch reads. A ``clone`` would not do: Inductor inlines it, and each launch
-    (a user-defined kernel, which needs fixed strides) then realizes its own copy. With symbolic strides
-    (which the prim cannot take as graph arguments) it is a clone all the same."""
+    """One contiguous copy of ``table`` for all ``readers``: a clone with its strides forced.
+
+    The clone alone is not enough: Inductor inlines it, and each launch (a user-defined kernel, which
+    needs fixed strides) then realizes its own copy. Forcing the strides makes it one buffer that every
+    launch reads. The force alone is not enough either: it asks for a stride *order*, and a view of a
+    realized buffer in that order (``stack([cos, sin], 1)[:, 0]``) would be passed as it is, while the
+    launch was traced with the copy's contiguous strides; the clone is what Inductor then copies, into
+    contiguous strides. With symbolic strides (which the prim cannot take as graph arguments) it is
+    the clone alone."""
     value = fake_value(table).clone(memory_format=torch.contiguous_format)
     strides = list(value.stride())
     with graph.inserting_after(table):
-        if all(isinstance(stride, int) for stride in strides):
-            buffer = graph.call_function(compat.force_stride_order(), (table, strides))
-        else:
-            buffer = graph.call_function(torch.ops.aten.clone.default, (table,), {"memory_format": torch.contiguous_format})
-    buffer.meta["val"] = value
-    for key in ("stack_trace", "nn_module_stack"):
-        if key in table.meta:
-            buffer.meta[key] = table.meta[key]
+        buffer = graph.call_function(torch.ops.aten.clone.default, (table,), {"memory_format": torch.contiguous_format})
+    inserted = [buffer]
+    if all(isinstance(stride, int) for stride in strides):
+        with graph.inserting_after(buffer):
+            buffer = graph.call_function(compat.force_stride_order(), (buffer, strides))
+        inserted.append(buffer)
+    for node in inserted:
+        node.meta["val"] = value
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in table.meta:
+                node.meta[key] = table.meta[key]
     for node, index in readers:
         node.update_arg(index, buffer)
 

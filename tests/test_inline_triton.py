@@ -157,9 +157,10 @@ def test_tables_read_by_several_launches_are_computed_once(monkeypatch):
         tables = {launch.kwargs["kwargs"][name] for launch in launches}
         assert len(tables) == 1, name
         (table,) = tables
-        # one contiguous copy, its strides forced: Inductor realizes it once (a clone, it inlines, and every
-        # launch makes its own copy)
+        # one contiguous copy, its strides forced: Inductor realizes it once (a clone alone, it inlines, and
+        # every launch makes its own copy)
         assert table.target is compat.force_stride_order() and table.meta["val"].is_contiguous()
+        assert table.args[0].target is torch.ops.aten.clone.default
     assert result.report.matches("inline_triton") == 2  # the launches (the tables are part of their rewrite)
     assert sum("tables computed once for 2 launches" in r.by for r in result.report.rewrites) == 2
 
