@@ -176,11 +176,9 @@ def _materialize_once(graph: fx.Graph, table: fx.Node, readers: list[tuple[fx.No
 
     The clone alone is not enough: Inductor inlines it, and each launch (a user-defined kernel, which
     needs fixed strides) then realizes its own copy. Forcing the strides makes it one buffer that every
-    launch reads. The force alone is not enough either: it asks for a stride *order*, and a view of a
-    realized buffer in that order (``stack([cos, sin], 1)[:, 0]``) would be passed as it is, while the
-    launch was traced with the copy's contiguous strides; the clone is what Inductor then copies, into
-    contiguous strides. With symbolic strides (which the prim cannot take as graph arguments) it is
-    the clone alone."""
+    launch reads; the clone under it is what Inductor copies into those strides, whatever the table is a
+    view of (this form ran on the GPU). With symbolic strides (which the prim cannot take as graph
+    arguments) it is the clone alone."""
     value = fake_value(table).clone(memory_format=torch.contiguous_format)
     strides = list(value.stride())
     with graph.inserting_after(table):
