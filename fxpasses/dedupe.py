@@ -26,7 +26,6 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
