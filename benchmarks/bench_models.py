@@ -30,11 +30,16 @@ measured calls minus what was allocated once weights and inputs were in place), 
 over the first call and warm-up (compile, autotuning, CUDA-graph recording); the memory held
 between calls after warm-up (reserved by the caching allocator once its free cache is
 released, minus the same before compiling: under CUDA graphs, the graphs' private pool, which
-the steady-state peak cannot see because replays allocate nothing); the cold first
-call in seconds (compile included); the error against eager's output (max abs error over
-max abs of eager, and relative L2); diffopt's rewrites per pass (counted per compiled
-graph: a regional compile counts one block). Writes ``bench_models.json`` (rewritten after
-every child), ``bench_models.png`` (needs matplotlib) and one log per child in ``DIR/logs``.
+the steady-state peak cannot see because replays allocate nothing); the cold first call in
+seconds (compile included); the error against eager's output (max abs error over max abs of
+eager, and relative L2); diffopt's rewrites per pass (counted per compiled graph: a regional
+compile counts one block). Writes ``bench_models.json`` (rewritten after every child),
+``bench_models.png`` (needs matplotlib) and one log per child in ``DIR/logs``.
+
+On CUDA, before the children, ``python -m diffopt.prebuild`` builds FlashInfer's attention
+kernels in a process of its own (``kernel_prebuild`` in the JSON's ``meta``: its seconds and what it
+built). FlashInfer's cache is not one of the per-child caches, so without it the first diffopt
+child alone would pay that once-per-machine build inside its cold compile.
 
 ``--memory-breakdown`` (CUDA) also records the allocations of one more call: the blocks live at
 its peak, largest first, each with the lines that allocated it (``live_at_peak`` in the JSON);
@@ -493,6 +498,24 @@ def run_configuration(spec: dict, run_dir: Path, log_path: Path, timeout_s: floa
     return result
 
 
+def prebuild_kernels(log_path: Path, timeout_s: float) -> dict:
+    """Build FlashInfer's attention kernels once, before any configuration runs
+    (``python -m diffopt.prebuild``; every workload's attention is bf16 with head dim 128, its
+    defaults). FlashInfer's cache outlives the per-child compile caches, so without this the
+    first diffopt child alone would pay a one-time-per-machine build of 20-100 s per kernel in
+    its cold compile. Its time is recorded on its own."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            returncode = subprocess.run([sys.executable, "-m", "diffopt.prebuild"], stdout=log, stderr=subprocess.STDOUT,
+                                        timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith(("FlashInfer", "diffopt.prebuild"))]
+    return {"seconds": round(time.perf_counter() - start, 1), "returncode": returncode, "kernels": lines,
+            "log": str(log_path)}
+
+
 def collect(runs: dict[tuple[str, Config], list[dict]]) -> list[dict]:
     results = []
     for (workload, config), config_runs in runs.items():
@@ -573,6 +596,10 @@ def main(argv: Iterable[str] | None = None) -> None:
     json_path = out / "bench_models.json"
     print(f"{len(plan)} children: {len(names)} workload(s) x {len(configs)} configuration(s) x {args.repeats} repeat(s)",
           flush=True)
+    if device.startswith("cuda") and not args.tiny and any(config.backend == "diffopt" for config in configs):
+        meta["kernel_prebuild"] = prebuild_kernels(out / "logs" / "prebuild.log", args.timeout)
+        print(f"FlashInfer's kernels, once per machine, before the children ({meta['kernel_prebuild']['seconds']:.1f} s): "
+              + ("; ".join(meta["kernel_prebuild"]["kernels"]) or f"exit {meta['kernel_prebuild']['returncode']}"), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_models-") as run_dir:
         for index, (repeat, name, config) in enumerate(plan, 1):
             tag = f"{name}.{config.name.replace('/', '+')}.r{repeat}"

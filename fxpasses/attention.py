@@ -21,9 +21,10 @@ torch/CUDA/cuDNN/FlashInfer/diffopt versions: a second compile does not measure 
 shows, per attention call, the candidates' times and the choice (with the rewrite), or why the call
 stayed stock (with the declines).
 
-FlashInfer's first use JIT-builds each kernel variant (one per dtype and head dim and fa2/fa3:
-20-100 s), during the first compile that measures it; the ``diffopt`` logger says so at INFO
-before and after. Later compiles load it from FlashInfer's disk cache in about a second.
+FlashInfer's first use on a machine builds each kernel variant (one per dtype and head dim and
+fa2/fa3: 20-100 s), inside the first compile that measures it unless ``python -m diffopt.prebuild``
+built it before; the ``diffopt`` logger warns before the build. Later compiles load it from
+FlashInfer's disk cache in about a second.
 
 Preconditions (else the call stays stock, with the reason in ``explain``):
 

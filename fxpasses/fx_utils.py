@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, is_concrete_int, statically_known_true
+from torch.utils import _pytree as pytree
 
 from diffopt import compat
 
@@ -36,6 +37,13 @@ def fake_value(node: Any) -> Any:
         return node
     meta = node.meta
     return meta["val"] if "val" in meta else meta.get("example_value")
+
+
+def unbacked_symbols(value: Any) -> set:
+    """The unbacked symbols (``.item()`` results and the like) that a value names, in any of its
+    leaves: a higher-order op's value can be a dict (a Triton launch's: argument name -> tensor),
+    which ``free_unbacked_symbols`` itself rejects."""
+    return set().union(*(free_unbacked_symbols(leaf) for leaf in pytree.tree_leaves(value)))
 
 
 def op_name(target: Any) -> str:

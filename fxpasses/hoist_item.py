@@ -69,13 +69,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from .fx_utils import concrete_shape, erase_dead, fake_value, insert_call, leaves, same_layout, views_of
+from .fx_utils import concrete_shape, erase_dead, fake_value, insert_call, leaves, same_layout, unbacked_symbols, views_of
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -347,7 +346,7 @@ def _mutated_storages(graph: fx.Graph) -> set:
 
 
 def _symbols(node: fx.Node) -> set:
-    symbols = set(free_unbacked_symbols(fake_value(node)))
+    symbols = unbacked_symbols(fake_value(node))
     symbols.update((node.meta.get("unbacked_bindings") or {}).keys())
     return symbols
 
@@ -376,7 +375,7 @@ def _symbols_escape(graph: fx.Graph, removed: set[fx.Node], recomputed: Iterable
     if not symbols:
         return False
     skip = removed | set(recomputed)
-    return any(node not in skip and free_unbacked_symbols(fake_value(node)) & symbols for node in graph.nodes)
+    return any(node not in skip and unbacked_symbols(fake_value(node)) & symbols for node in graph.nodes)
 
 
 # --- deduplicate -------------------------------------------------------------------------
@@ -532,7 +531,7 @@ def _to_device(graph: fx.Graph, read: fx.Node, element: _Element, select_on_devi
         ok = same_layout(new, value)
         if ok and kind == "select":
             recomputed = _recompute(views[user], {user: fake_value(new)})
-            ok = recomputed is not None and not any(free_unbacked_symbols(v) & symbols for v in recomputed.values())
+            ok = recomputed is not None and not any(unbacked_symbols(v) & symbols for v in recomputed.values())
             updates.update(recomputed or {})
         if not ok:
             for node in reversed(created):  # only used by each other: erase users first

@@ -22,9 +22,10 @@ whatever ``backend`` says).
   packed qkv all fit without a copy). Where every tensor's batch stride is its heads times its head
   stride (``[B, H, S, D]`` contiguous), the batch folds into the heads and one call does all of it.
   fa3 writes the output in any layout; fa2 only as contiguous ``[S, H, Dv]`` rows, so another layout
-  costs it one copy. Its JIT build (20-100 s per kernel variant on first use, then loaded from
-  FlashInfer's disk cache) is logged at INFO in the ``diffopt`` logger. Nothing is planned on the
-  host per call: safe to capture in CUDA graphs.
+  costs it one copy. FlashInfer builds each kernel variant on its first use on a machine (20-100 s,
+  then loaded from its disk cache); the ``diffopt`` logger warns before such a build, and
+  :func:`prebuild` (``python -m diffopt.prebuild``) does it ahead of any compile. Nothing is
+  planned on the host per call: safe to capture in CUDA graphs.
 
 ``out_layout`` (``flash``, ``efficient``, ``cudnn``, ``flash_cpu``): the output has exactly the sizes
 and strides that ATen's ``_scaled_dot_product_<out_layout>_attention`` gives for these inputs. They
@@ -42,7 +43,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ from .library import LIBRARY, first_definition
 
 __all__ = [
     "ATTENTION_SCHEMA", "BACKENDS", "OUT_LAYOUTS", "attention", "attention_reference", "backend_unavailable",
-    "backend_unsupported", "check_attention_args",
+    "backend_unsupported", "check_attention_args", "flashinfer_kernel_built", "prebuild",
 ]
 
 log = logging.getLogger("diffopt")
@@ -244,25 +245,76 @@ def flashinfer_version() -> str | None:
     return getattr(module, "__version__", "unknown") if module is not None else None
 
 
-@functools.cache
-def _prefill_module(variant: str, dtype: torch.dtype, head_dim: int, head_dim_v: int) -> Any:
-    """FlashInfer's JIT module of the single-request prefill kernel (built on first use, then loaded
-    from FlashInfer's disk cache; kept for the process)."""
-    flashinfer, error = _flashinfer_import()
-    if flashinfer is None:
-        raise RuntimeError(error)
-    what = f"FlashInfer {variant} attention kernel ({str(dtype).removeprefix('torch.')}, head_dim {head_dim})"
-    log.info("diffopt: preparing %s; the first build takes 20-100 s, later ones load it from FlashInfer's cache", what)
-    start = time.perf_counter()
-    module = flashinfer.prefill.get_single_prefill_module(
-        variant, dtype, dtype, dtype, head_dim, head_dim_v,
+def _prefill_args(dtype: torch.dtype, head_dim: int, head_dim_v: int) -> tuple:
+    """FlashInfer's arguments after the variant that name diffopt's single-prefill kernel."""
+    flashinfer, _ = _flashinfer_import()
+    return (
+        dtype, dtype, dtype, head_dim, head_dim_v,
         flashinfer.utils.PosEncodingMode.NONE.value,
         False,  # use_sliding_window
         False,  # use_logits_soft_cap
         False,  # use_fp16_qk_reduction
     )
+
+
+def _describe(variant: str, dtype: torch.dtype, head_dim: int) -> str:
+    return f"FlashInfer {variant.removeprefix('flashinfer_')} attention kernel ({str(dtype).removeprefix('torch.')}, head_dim {head_dim})"
+
+
+def flashinfer_kernel_built(variant: str, dtype: torch.dtype, head_dim: int, head_dim_v: int) -> bool:
+    """Whether FlashInfer has the kernel on disk (prebuilt, or JIT-built earlier), so that loading
+    it takes about a second instead of a 20-100 s build."""
+    flashinfer, error = _flashinfer_import()
+    if flashinfer is None:
+        raise RuntimeError(error)
+    spec = flashinfer.prefill.gen_single_prefill_module(variant.removeprefix("flashinfer_"), *_prefill_args(dtype, head_dim, head_dim_v))
+    return bool(spec.is_compiled)
+
+
+@functools.cache
+def _prefill_module(variant: str, dtype: torch.dtype, head_dim: int, head_dim_v: int) -> Any:
+    """FlashInfer's module of the single-request prefill kernel ``variant`` (``fa2``/``fa3``), built
+    on first use, then loaded from FlashInfer's disk cache; kept for the process."""
+    flashinfer, error = _flashinfer_import()
+    if flashinfer is None:
+        raise RuntimeError(error)
+    what = _describe(variant, dtype, head_dim)
+    if not flashinfer_kernel_built(variant, dtype, head_dim, head_dim_v):
+        # A stall of a minute or more inside torch.compile needs saying where it is seen.
+        log.warning("diffopt: building %s: 20-100 s, once per machine (FlashInfer's cache keeps it; "
+                    "`python -m diffopt.prebuild` builds it ahead of time)", what)
+    start = time.perf_counter()
+    module = flashinfer.prefill.get_single_prefill_module(variant, *_prefill_args(dtype, head_dim, head_dim_v))
     log.info("diffopt: %s ready in %.1f s", what, time.perf_counter() - start)
     return module
+
+
+def prebuild(dtypes: Sequence[torch.dtype], head_dims: Sequence[int], device: torch.device) -> list[dict[str, Any]]:
+    """Build (or load) every FlashInfer kernel the attention pass may measure on ``device`` for
+    these dtypes and head dims, so that no compile waits for a build: one record per kernel,
+    ``{"kernel", "built_before", "seconds"}`` plus ``"error"`` where it failed, or ``"skipped"``
+    with the reason where the kernel does not apply."""
+    records = []
+    for backend in BACKENDS:
+        if not backend.startswith("flashinfer"):
+            continue
+        for dtype in dtypes:
+            for head_dim in head_dims:
+                what = _describe(backend, dtype, head_dim)
+                why = backend_unavailable(backend, device) or backend_unsupported(backend, dtype, head_dim, head_dim, False)
+                if why:
+                    records.append({"kernel": what, "skipped": why})
+                    continue
+                variant = backend.removeprefix("flashinfer_")
+                record: dict[str, Any] = {"kernel": what, "built_before": flashinfer_kernel_built(variant, dtype, head_dim, head_dim)}
+                start = time.perf_counter()
+                try:
+                    _prefill_module(variant, dtype, head_dim, head_dim)
+                except Exception as error:  # a kernel that does not build is a result; the others still build
+                    record["error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
+                record["seconds"] = round(time.perf_counter() - start, 2)
+                records.append(record)
+    return records
 
 
 def _tma_ready(x: Tensor) -> bool:

@@ -13,6 +13,7 @@ import copy
 import enum
 import functools
 import math
+import types
 
 import pytest
 import torch
@@ -173,10 +174,15 @@ class FakeFlashInfer:
 
     def __init__(self):
         self.calls = []
+        self.built = set()  # (variant, *args) of the kernels on "disk"
         self.prefill = self
+
+    def gen_single_prefill_module(self, variant, *args):
+        return types.SimpleNamespace(is_compiled=(variant, *args) in self.built)
 
     def get_single_prefill_module(self, variant, *args):
         fake = self
+        self.built.add((variant, *args))
 
         class Module:
             def run(self, *, q, k, v, tmp, o, maybe_lse, mask_mode, layout, window_left, maybe_packed_custom_mask,
@@ -234,16 +240,67 @@ def test_flashinfer_calls_mean_the_right_thing(monkeypatch, variant, layout, out
     assert len(fake.calls) == (1 if folds else B)
 
 
-def test_flashinfer_build_is_logged(monkeypatch, caplog):
-    monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (FakeFlashInfer(), None))
-    monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)
+def test_flashinfer_build_warns_once_per_machine(monkeypatch, caplog):
+    fake = FakeFlashInfer()
+    monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (fake, None))
+    monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)  # no per-process cache
     q, k, v = make_qkv(1, 2, 2, 4, 4, 16, "bshd", dtype=BF16)
-    with caplog.at_level("INFO", logger="diffopt"):
-        kernels._CUDA_KERNELS["flashinfer_fa3"](q, k, v, 0.25, "cudnn")
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("preparing FlashInfer fa3 attention kernel (bfloat16, head_dim 16)" in m and "20-100 s" in m
-               for m in messages), messages
-    assert any("ready in" in m for m in messages)
+    for _ in range(2):  # a first process builds the kernel, a second one finds it on disk
+        caplog.clear()
+        with caplog.at_level("INFO", logger="diffopt"):
+            kernels._CUDA_KERNELS["flashinfer_fa3"](q, k, v, 0.25, "cudnn")
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+        assert any("FlashInfer fa3 attention kernel (bfloat16, head_dim 16) ready in" in m for m in infos), infos
+        if _ == 0:
+            assert len(warnings) == 1 and "building FlashInfer fa3 attention kernel (bfloat16, head_dim 16)" in warnings[0]
+            assert "python -m diffopt.prebuild" in warnings[0]
+        else:
+            assert warnings == []
+
+
+def test_prebuild_builds_each_kernel_the_pass_may_measure(monkeypatch):
+    fake = FakeFlashInfer()
+    monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (fake, None))
+    monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)
+    cpu = torch.device("cpu")  # both FlashInfer backends count as available off CUDA
+    records = kernels.prebuild([BF16, torch.float16], [128, 96], cpu)
+    by_kernel = {r["kernel"]: r for r in records}
+    assert len(records) == 8
+    for variant in ("fa3", "fa2"):
+        for dtype in ("bfloat16", "float16"):
+            built = by_kernel[f"FlashInfer {variant} attention kernel ({dtype}, head_dim 128)"]
+            assert built["built_before"] is False and built["seconds"] >= 0 and "error" not in built
+            assert "head dims" in by_kernel[f"FlashInfer {variant} attention kernel ({dtype}, head_dim 96)"]["skipped"]
+    assert len(fake.built) == 4
+    again = kernels.prebuild([BF16], [128], cpu)
+    assert [r["built_before"] for r in again] == [True, True]
+
+
+def test_prebuild_reports_a_kernel_that_fails_and_builds_the_rest(monkeypatch):
+    fake = FakeFlashInfer()
+    real_get = fake.get_single_prefill_module
+
+    def get(variant, *args):
+        if variant == "fa3":
+            raise RuntimeError("nvcc: out of memory\nmore")
+        return real_get(variant, *args)
+
+    fake.get_single_prefill_module = get
+    monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (fake, None))
+    monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)
+    records = kernels.prebuild([BF16], [64], torch.device("cpu"))
+    assert records[0]["error"].startswith("RuntimeError: nvcc: out of memory")
+    assert "error" not in records[1] and records[1]["kernel"].startswith("FlashInfer fa2")
+
+
+def test_prebuild_command_without_a_gpu_says_so(capsys):
+    from diffopt import prebuild
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert prebuild.main(["--head-dim", "64"]) == 2
+    assert "no CUDA device" in capsys.readouterr().out
 
 
 # --- the pass ---------------------------------------------------------------------------

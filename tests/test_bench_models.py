@@ -224,6 +224,14 @@ def test_a_child_past_its_timeout_is_recorded_and_the_run_goes_on(tmp_path):
     ]
 
 
+def test_kernel_prebuild_runs_in_its_own_process_and_is_recorded(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU this builds FlashInfer's kernels")
+    record = bench_models.prebuild_kernels(tmp_path / "prebuild.log", timeout_s=300)
+    assert record["returncode"] == 2 and record["seconds"] > 0
+    assert record["kernels"] == ["diffopt.prebuild: no CUDA device (cuda); the kernels are built for the GPU they run on"]
+
+
 @pytest.mark.gpu
 def test_tiny_run_on_cuda_measures_peak_memory(tmp_path):
     stdout, data, _ = _run(tmp_path, "--workloads", "wan1.3b_1frame", "--cudagraphs", "--iters", "3",
@@ -237,3 +245,4 @@ def test_tiny_run_on_cuda_measures_peak_memory(tmp_path):
         if name != "eager":
             assert row["rel_err_max"] < 1e-3, name
     assert data["meta"]["env"]["gpu"]
+    assert "kernel_prebuild" not in data["meta"]  # float32 only: no FlashInfer kernel to build

@@ -444,3 +444,43 @@ def test_a_view_of_a_graph_input_is_never_written_over(monkeypatch):
     params = launch.kwargs["kwargs"]
     for out, inp in (("qo_ptr", "q_ptr"), ("ko_ptr", "k_ptr")):
         assert params[out] is not params[inp], "the op's output must not alias a graph input"
+
+
+def front_at_timestep(q, k, wq, wk, cos, sin, t):
+    """A rotation, and one timestep read on the host twice (a denoising step's ``t.item()`` deciding
+    a slice, for each half of a CFG batch), which hoist_item merges."""
+    q_out, k_out = front(q, k, wq, wk, cos, sin)
+    return q_out[:, : int(t[0].item())], k_out[:, : int(t.flatten()[0].item())]
+
+
+def test_a_launchs_value_does_not_stop_the_passes_after_it(monkeypatch):
+    """A launch's value is a dict of its tensors. hoist_item, which reads every node's value for
+    unbacked symbols when it merges reads, raised on it under torch 2.11 (on the GPU, in every
+    denoising step): its ``free_unbacked_symbols`` rejects a dict, which torch 2.13's accepts."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    from torch.fx.experimental import symbolic_shapes
+
+    from diffopt.fxpasses import inline_triton
+    from diffopt.pipeline import observing
+
+    iterate_exprs = symbolic_shapes._iterate_exprs
+
+    def as_torch_2_11(value):
+        if isinstance(value, dict):
+            raise AssertionError(f"cannot extract sympy expressions from {value} {type(value)}")
+        return iterate_exprs(value)
+
+    monkeypatch.setattr(symbolic_shapes, "_iterate_exprs", as_torch_2_11)
+    monkeypatch.setattr(inline_triton, "_not_inlinable", lambda node: None)
+    args = (*inputs("cpu", torch.float32, B=1, S=8, H=2, Hk=2, D=32), torch.tensor([5, 5]))
+    graphs = []
+    torch.compiler.reset()
+    compiled = torch.compile(front_at_timestep, backend="diffopt", fullgraph=True,
+                             options={**ON_CPU, "inductor": False, "strict": True})  # strict: a pass that raises fails
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, observing(lambda *record: graphs.append(record)):
+        # the passes run on the trace; the compiled graph then reads the fake timestep and stops there
+        with pytest.raises(DataDependentOutputException):
+            compiled(*[mode.from_tensor(a) for a in args])
+    (after,) = [after for name, _, _, after in graphs if name == "hoist_item"]
+    assert sum("triton_kernel_wrapper_functional" in str(n.target) for n in after.nodes) == 1
+    assert sum(n.target is torch.ops.aten._local_scalar_dense.default for n in after.nodes) == 1
