@@ -8,8 +8,9 @@ chooses among its kernels:
 
 1. The key is looked up in the cache; a hit is the choice, nothing runs.
 2. On a miss, the stock call runs once, then each candidate: one that raises (fails to build or to
-   run) or whose result differs from the stock call's by more than the dtype's rounding is out,
-   with the reason.
+   run, or runs out of memory) or whose result differs from the stock call's by more than the
+   dtype's rounding is out, with the reason. Where the device has no room for the measurement's
+   tensors, or the stock call itself fails, nothing is chosen (and nothing cached).
 3. The stock call and the remaining candidates are timed (default: the median of
    ``triton.testing.do_bench``; tests inject a timer).
 4. The fastest candidate is chosen if it beats the stock call by more than :data:`MIN_GAIN`;
@@ -105,7 +106,12 @@ def select(
         selection = Selection(entry["choice"], entry["times_ms"], entry["failures"], cached=True)
         log.debug("diffopt: %s: %s", what, selection.summary())
         return selection
-    stock, candidates = build()
+    try:
+        stock, candidates = build()
+    except torch.OutOfMemoryError as error:  # the device is too full to measure: the stock call stays
+        selection = Selection(None, {}, {STOCK: _error(error)})
+        log.info("diffopt: could not measure %s: %s", what, selection.summary())
+        return selection
     selection = _measure(stock, candidates, timer)
     log.info("diffopt: measured %s: %s", what, selection.summary())
     if STOCK in selection.times_ms:  # a stock call that failed here (out of memory?) decides nothing for later

@@ -529,6 +529,20 @@ def test_failing_candidates_are_never_chosen():
     assert "sdpa_flash: failed (KeyError" in note and "sdpa_cudnn: failed (RuntimeError: no kernel image" in note
 
 
+def test_no_room_to_measure_keeps_the_stock_call_and_caches_nothing(monkeypatch):
+    from diffopt.fxpasses import attention as attention_pass
+
+    def full_device(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 100.00 MiB")
+
+    monkeypatch.setattr(attention_pass, "_real", full_device)
+    timer = Timer(stock=3.0, sdpa_efficient=1.0)
+    choice, t = run_choice(timer)  # strict: had the pass raised, this would too
+    assert choice is None and timer.calls == [] and stock_ops(t.after("attention")) == 1
+    assert any("stock: failed (OutOfMemoryError: CUDA out of memory" in note for note in _notes(t.report))
+    assert not autotune.cache_file().exists()
+
+
 def test_stock_stays_when_it_is_fastest():
     choice, t = run_choice(Timer(stock=1.0, sdpa_efficient=1.5, sdpa_flash=1.2, sdpa_cudnn=1.1))
     assert choice is None and stock_ops(t.after("attention")) == 1
