@@ -3,14 +3,16 @@
     python -m diffopt.prebuild [--dtype bfloat16 ...] [--head-dim 128 ...] [--device cuda:0]
 
 FlashInfer ships its attention kernels as sources and builds each one on first use: 20-100 s per
-kernel (dtype, head dim, fa2/fa3), after which it loads from FlashInfer's cache
-(``~/.cache/flashinfer``, or ``$FLASHINFER_WORKSPACE_BASE``) in about a second. Without this
-command, the first ``torch.compile(..., backend="diffopt")`` on a machine pays that build inside
-the compile. Run it once per machine (or while building a container image, with the cache folder
-inside the image); it builds for this GPU's architecture.
+kernel (dtype, head dim, fa2/fa3), after which it loads from its cache
+(``~/.cache/flashinfer``, or ``$FLASHINFER_WORKSPACE_BASE/.cache/flashinfer``) in about a second.
+Without this command, the first ``torch.compile(..., backend="diffopt")`` on a machine pays that
+build inside the compile. Run it once per machine, or once where that cache folder is shared (a
+volume, an image layer built on a GPU host). It needs the GPU: the device decides which kernels
+the attention pass would measure (fa3 on Hopper only), and FlashInfer builds for the GPUs it sees
+(or ``$FLASHINFER_CUDA_ARCH_LIST``).
 
 The defaults are what the supported diffusion transformers use (bf16, head dim 128). Prints one
-line per kernel and exits non-zero if any failed to build.
+line per kernel as it is done and exits non-zero if any failed to build.
 """
 from __future__ import annotations
 
@@ -37,17 +39,18 @@ def main(argv: Iterable[str] | None = None) -> int:
     if unavailable:
         print(f"diffopt.prebuild: nothing to build: {unavailable}")
         return 0
-    records = attention.prebuild([getattr(torch, name) for name in args.dtype], args.head_dim, device)
-    for record in records:
+    failed = False
+    for record in attention.prebuild([getattr(torch, name) for name in args.dtype], args.head_dim, device):
         if "skipped" in record:
-            print(f"{record['kernel']}: not used here ({record['skipped']})")
+            print(f"{record['kernel']}: skipped ({record['skipped']})", flush=True)
         elif "error" in record:
-            print(f"{record['kernel']}: FAILED after {record['seconds']:.1f} s: {record['error']}")
+            failed = True
+            print(f"{record['kernel']}: FAILED after {record['seconds']:.1f} s: {record['error']}", flush=True)
         else:
             # FlashInfer still checks a kernel found on disk against its sources, and rebuilds a stale one
             how = "on disk before, ready" if record["built_before"] else "built"
-            print(f"{record['kernel']}: {how} in {record['seconds']:.1f} s")
-    return 1 if any("error" in record for record in records) else 0
+            print(f"{record['kernel']}: {how} in {record['seconds']:.1f} s", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

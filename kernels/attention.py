@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -289,12 +289,11 @@ def _prefill_module(variant: str, dtype: torch.dtype, head_dim: int, head_dim_v:
     return module
 
 
-def prebuild(dtypes: Sequence[torch.dtype], head_dims: Sequence[int], device: torch.device) -> list[dict[str, Any]]:
+def prebuild(dtypes: Sequence[torch.dtype], head_dims: Sequence[int], device: torch.device) -> Iterator[dict[str, Any]]:
     """Build (or load) every FlashInfer kernel the attention pass may measure on ``device`` for
-    these dtypes and head dims, so that no compile waits for a build: one record per kernel,
-    ``{"kernel", "built_before", "seconds"}`` plus ``"error"`` where it failed, or ``"skipped"``
-    with the reason where the kernel does not apply."""
-    records = []
+    these dtypes and head dims, so that no compile waits for a build. Yields one record per kernel
+    as it is done: ``{"kernel", "built_before", "seconds"}`` plus ``"error"`` where it failed, or
+    ``{"kernel", "skipped"}`` with the reason where the pass would not measure it."""
     for backend in BACKENDS:
         if not backend.startswith("flashinfer"):
             continue
@@ -303,18 +302,18 @@ def prebuild(dtypes: Sequence[torch.dtype], head_dims: Sequence[int], device: to
                 what = _describe(backend, dtype, head_dim)
                 why = backend_unavailable(backend, device) or backend_unsupported(backend, dtype, head_dim, head_dim, False)
                 if why:
-                    records.append({"kernel": what, "skipped": why})
+                    yield {"kernel": what, "skipped": why}
                     continue
                 variant = backend.removeprefix("flashinfer_")
-                record: dict[str, Any] = {"kernel": what, "built_before": flashinfer_kernel_built(variant, dtype, head_dim, head_dim)}
+                record: dict[str, Any] = {"kernel": what, "built_before": None}
                 start = time.perf_counter()
-                try:
+                try:  # a kernel that does not build is a result; the others still build
+                    record["built_before"] = flashinfer_kernel_built(variant, dtype, head_dim, head_dim)
                     _prefill_module(variant, dtype, head_dim, head_dim)
-                except Exception as error:  # a kernel that does not build is a result; the others still build
+                except Exception as error:
                     record["error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
                 record["seconds"] = round(time.perf_counter() - start, 2)
-                records.append(record)
-    return records
+                yield record
 
 
 def _tma_ready(x: Tensor) -> bool:

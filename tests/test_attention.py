@@ -245,14 +245,14 @@ def test_flashinfer_build_warns_once_per_machine(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (fake, None))
     monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)  # no per-process cache
     q, k, v = make_qkv(1, 2, 2, 4, 4, 16, "bshd", dtype=BF16)
-    for _ in range(2):  # a first process builds the kernel, a second one finds it on disk
+    for process in ("first", "second"):  # the first builds the kernel, the second finds it on disk
         caplog.clear()
         with caplog.at_level("INFO", logger="diffopt"):
             kernels._CUDA_KERNELS["flashinfer_fa3"](q, k, v, 0.25, "cudnn")
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
         assert any("FlashInfer fa3 attention kernel (bfloat16, head_dim 16) ready in" in m for m in infos), infos
-        if _ == 0:
+        if process == "first":
             assert len(warnings) == 1 and "building FlashInfer fa3 attention kernel (bfloat16, head_dim 16)" in warnings[0]
             assert "python -m diffopt.prebuild" in warnings[0]
         else:
@@ -264,7 +264,7 @@ def test_prebuild_builds_each_kernel_the_pass_may_measure(monkeypatch):
     monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (fake, None))
     monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)
     cpu = torch.device("cpu")  # both FlashInfer backends count as available off CUDA
-    records = kernels.prebuild([BF16, torch.float16], [128, 96], cpu)
+    records = list(kernels.prebuild([BF16, torch.float16], [128, 96], cpu))
     by_kernel = {r["kernel"]: r for r in records}
     assert len(records) == 8
     for variant in ("fa3", "fa2"):
@@ -273,7 +273,7 @@ def test_prebuild_builds_each_kernel_the_pass_may_measure(monkeypatch):
             assert built["built_before"] is False and built["seconds"] >= 0 and "error" not in built
             assert "head dims" in by_kernel[f"FlashInfer {variant} attention kernel ({dtype}, head_dim 96)"]["skipped"]
     assert len(fake.built) == 4
-    again = kernels.prebuild([BF16], [128], cpu)
+    again = list(kernels.prebuild([BF16], [128], cpu))
     assert [r["built_before"] for r in again] == [True, True]
 
 
@@ -289,7 +289,7 @@ def test_prebuild_reports_a_kernel_that_fails_and_builds_the_rest(monkeypatch):
     fake.get_single_prefill_module = get
     monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (fake, None))
     monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)
-    records = kernels.prebuild([BF16], [64], torch.device("cpu"))
+    records = list(kernels.prebuild([BF16], [64], torch.device("cpu")))
     assert records[0]["error"].startswith("RuntimeError: nvcc: out of memory")
     assert "error" not in records[1] and records[1]["kernel"].startswith("FlashInfer fa2")
 
@@ -301,6 +301,40 @@ def test_prebuild_command_without_a_gpu_says_so(capsys):
         pytest.skip("this machine has a GPU")
     assert prebuild.main(["--head-dim", "64"]) == 2
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def _pretend_gpu(monkeypatch, capability):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+def test_prebuild_command_builds_what_this_gpu_would_measure(monkeypatch, capsys):
+    from diffopt import prebuild
+
+    fake = FakeFlashInfer()
+    monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (fake, None))
+    monkeypatch.setattr(kernels, "_prefill_module", kernels._prefill_module.__wrapped__)
+    _pretend_gpu(monkeypatch, (8, 0))  # an A100: no fa3
+    assert prebuild.main(["--head-dim", "128", "96"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "FlashInfer fa3 attention kernel (bfloat16, head_dim 128): skipped (fa3 runs on sm90 (Hopper) only, this GPU is sm80)"
+    assert lines[2].startswith("FlashInfer fa2 attention kernel (bfloat16, head_dim 128): built in ")
+    assert lines[3].startswith("FlashInfer fa2 attention kernel (bfloat16, head_dim 96): skipped (head dims 64/128/256 only")
+    assert [variant for variant, *_ in fake.built] == ["fa2"]
+    _pretend_gpu(monkeypatch, (9, 0))
+    assert prebuild.main([]) == 0
+    fa3, fa2 = capsys.readouterr().out.splitlines()
+    assert fa3.startswith("FlashInfer fa3 attention kernel (bfloat16, head_dim 128): built in ")
+    assert fa2.startswith("FlashInfer fa2 attention kernel (bfloat16, head_dim 128): on disk before, ready in ")
+
+
+def test_prebuild_command_without_flashinfer_has_nothing_to_build(monkeypatch, capsys):
+    from diffopt import prebuild
+
+    monkeypatch.setattr(kernels, "_flashinfer_import", lambda: (None, "FlashInfer is not installed (pip install flashinfer-python)"))
+    _pretend_gpu(monkeypatch, (9, 0))
+    assert prebuild.main([]) == 0
+    assert capsys.readouterr().out.strip() == "diffopt.prebuild: nothing to build: FlashInfer is not installed (pip install flashinfer-python)"
 
 
 # --- the pass ---------------------------------------------------------------------------

@@ -453,7 +453,7 @@ def front_at_timestep(q, k, wq, wk, cos, sin, t):
     return q_out[:, : int(t[0].item())], k_out[:, : int(t.flatten()[0].item())]
 
 
-def test_a_launchs_value_does_not_stop_the_passes_after_it(monkeypatch):
+def test_a_launch_nodes_dict_value_does_not_stop_the_passes_after_it(monkeypatch):
     """A launch's value is a dict of its tensors. hoist_item, which reads every node's value for
     unbacked symbols when it merges reads, raised on it under torch 2.11 (on the GPU, in every
     denoising step): its ``free_unbacked_symbols`` rejects a dict, which torch 2.13's accepts."""
