@@ -11,8 +11,8 @@ chooses among its kernels:
    run, or runs out of memory) or whose result differs from the stock call's by more than the
    dtype's rounding is out, with the reason. Where the device has no room for the measurement's
    tensors, or the stock call itself fails, nothing is chosen (and nothing cached).
-3. The stock call and the remaining candidates are timed (default: the median of
-   ``triton.testing.do_bench``; tests inject a timer).
+3. The stock call and the remaining candidates are timed (default: :func:`cuda_timer`, the median
+   by ``triton.testing.do_bench``'s method with an L2-sized flush; tests inject a timer).
 4. The fastest candidate is chosen if it beats the stock call by more than :data:`MIN_GAIN`;
    otherwise the stock call stays (``Selection.choice`` is None).
 
@@ -28,8 +28,9 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,10 @@ STOCK = "stock"
 # A candidate must be this much faster than the stock call to replace it: within timing noise a
 # near-tie says nothing, and the stock call has no wrapper on the host path.
 MIN_GAIN = 0.01
+# Timed calls per measurement at most (a call of a microsecond would otherwise be timed 10^5 times).
+MAX_TIMED_CALLS = 1000
+# Elements per float64 slice when :func:`mismatch` compares outputs: 32 MB.
+COMPARE_CHUNK = 1 << 22
 
 Run = Callable[[], torch.Tensor]
 # (the function to time, its name) -> milliseconds
@@ -86,10 +91,46 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def cuda_timer(fn: Run, name: str) -> float:
-    """Median milliseconds of ``fn`` on the current CUDA device (``triton.testing.do_bench``)."""
-    from triton.testing import do_bench
+    """Median milliseconds of ``fn`` on the current CUDA device, each timed call after an L2 flush."""
+    device = torch.cuda.current_device()
+    # A flush buffer of the L2's size, as Inductor's benchmarker has (and, like it, 256 MB where
+    # the device does not say): triton's do_bench allocates 256 MB on every GPU, which was most of
+    # the first call's peak on small models (Wan at one frame).
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 256 << 20
+    flush = torch.empty(l2_bytes // 4, dtype=torch.int, device=device)
+    return median_ms(fn, flush.zero_, lambda: torch.cuda.Event(enable_timing=True), torch.cuda.synchronize)
 
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+def median_ms(
+    fn: Run,
+    flush: Callable[[], Any],
+    event: Callable[[], Any],
+    synchronize: Callable[[], None],
+) -> float:
+    """``triton.testing.do_bench``'s method, with its default warm-up and repetition times, over
+    the device primitives given: one call, an estimate over five, 25 ms of untimed calls, then
+    100 ms of calls (at most :data:`MAX_TIMED_CALLS`), each after ``flush()`` and timed alone
+    between two events; their median."""
+    fn()
+    synchronize()
+    start, end = event(), event()
+    start.record()
+    for _ in range(5):
+        flush()
+        fn()
+    end.record()
+    synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(25 / estimate_ms))):
+        fn()
+    pairs = [(event(), event()) for _ in range(max(1, min(MAX_TIMED_CALLS, int(100 / estimate_ms))))]
+    for begin, finish in pairs:
+        flush()
+        begin.record()
+        fn()
+        finish.record()
+    synchronize()
+    return statistics.median(begin.elapsed_time(finish) for begin, finish in pairs)
 
 
 def select(
@@ -144,14 +185,38 @@ def mismatch(got: torch.Tensor, expected: torch.Tensor) -> str | None:
     The tolerance, 4 units of the dtype's epsilon (at least 2^-12) of the largest expected
     magnitude, passes two correct kernels that round differently and fails a wrong one (a wrong
     head mapping or scale is off by about the output's own magnitude).
+
+    The comparison runs in float64, slice by slice (:data:`COMPARE_CHUNK` elements at most).
+    Whole-output float64 copies, three at once (24 bytes per element), were the peak of the first
+    call on Wan, Cosmos3 and Flux, above the model's own.
     """
     if got.shape != expected.shape or got.dtype != expected.dtype:
         return f"returned {tuple(got.shape)} {got.dtype}, the stock call {tuple(expected.shape)} {expected.dtype}"
-    error = (got.double() - expected.double()).abs().max().item()
-    tolerance = max(4 * torch.finfo(expected.dtype).eps, 2**-12) * expected.double().abs().max().item()
+    if expected.numel() == 0:
+        return None
+    error = magnitude = torch.zeros((), dtype=torch.float64, device=expected.device)
+    for got_part, expected_part in zip(_slices(got), _slices(expected)):
+        expected_part = expected_part.double()
+        # torch.maximum keeps a NaN (Python's max would drop it)
+        error = torch.maximum(error, (got_part.double() - expected_part).abs().max())
+        magnitude = torch.maximum(magnitude, expected_part.abs().max())
+    error, tolerance = error.item(), max(4 * torch.finfo(expected.dtype).eps, 2**-12) * magnitude.item()
     if not error <= tolerance:  # NaN fails too
         return f"wrong result: max error {error:.3g} vs the stock call (tolerance {tolerance:.3g})"
     return None
+
+
+def _slices(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Views covering ``x`` once each, in a fixed order (two tensors of one shape give matching
+    slices), of at most :data:`COMPARE_CHUNK` elements. Split along the largest dimension, so any
+    strides work and no slice is copied."""
+    if x.numel() <= COMPARE_CHUNK:
+        yield x
+        return
+    dim = max(range(x.dim()), key=lambda d: x.shape[d])
+    step = max(1, COMPARE_CHUNK * x.shape[dim] // x.numel())
+    for part in x.split(step, dim):
+        yield from _slices(part)
 
 
 def _measure(stock: Run, candidates: Mapping[str, Run], timer: Timer) -> Selection:

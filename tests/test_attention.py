@@ -13,6 +13,7 @@ import copy
 import enum
 import functools
 import math
+import statistics
 import types
 
 import pytest
@@ -598,6 +599,119 @@ def test_a_candidate_that_computes_something_else_is_out():
     })
     assert set(failures) == {"wrong", "nan", "shape"}
     assert failures["wrong"].startswith("wrong result")
+
+
+def _whole_output_mismatch(got, expected):
+    """The comparison as a whole-tensor formula (the spec :func:`autotune.mismatch` slices)."""
+    error = (got.double() - expected.double()).abs().max().item()
+    tolerance = max(4 * torch.finfo(expected.dtype).eps, 2**-12) * expected.double().abs().max().item()
+    return None if error <= tolerance else f"wrong result: max error {error:.3g} vs the stock call (tolerance {tolerance:.3g})"
+
+
+@st.composite
+def compared_outputs(draw):
+    shape = draw(st.lists(st.integers(1, 7), min_size=1, max_size=4))
+    order = draw(st.permutations(range(len(shape))))
+    dtype = draw(st.sampled_from([F32, BF16]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    # stored in another dimension order, so the slices are strided views
+    expected = torch.randn([shape[d] for d in order], generator=generator).to(dtype).permute(
+        [order.index(d) for d in range(len(shape))])
+    got = expected * (1 + draw(st.sampled_from([0.0, 1.0, 2.0])) * torch.finfo(dtype).eps)
+    where = tuple(draw(st.integers(0, size - 1)) for size in shape)
+    got[where] += draw(st.sampled_from([0.0, 1e-3, 0.5, float("nan")]))
+    return got, expected, draw(st.integers(1, 40))
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(compared_outputs())
+def test_the_sliced_comparison_decides_as_the_whole_one(monkeypatch, case):
+    got, expected, chunk = case
+    monkeypatch.setattr(autotune, "COMPARE_CHUNK", chunk)
+    expected_why = _whole_output_mismatch(got, expected)
+    assert autotune.mismatch(got, expected) == expected_why
+
+
+def test_the_comparison_holds_no_whole_output_in_float64(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LargestFloat64(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in tree_leaves(out):
+                if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
+                    self.numel = max(self.numel, x.numel())
+            return out
+
+    monkeypatch.setattr(autotune, "COMPARE_CHUNK", 64)
+    generator = torch.Generator().manual_seed(3)
+    expected = torch.randn(2, 37, 3, 16, generator=generator).to(BF16).transpose(1, 2)  # a BHSD view of BSHD
+    got = expected.clone()
+    got[1, 2, 36, 15] += 1.0  # in the last slice
+    with LargestFloat64() as mode:
+        why = autotune.mismatch(got, expected)
+    assert why is not None and why.startswith("wrong result")
+    assert 0 < mode.numel <= 64
+
+
+class FakeDevice:
+    """A clock that each call of the timed function advances by the next of ``durations_ms``
+    (cycling); events read it when recorded. ``log`` keeps the order of flushes and calls."""
+
+    def __init__(self, durations_ms):
+        self.durations_ms, self.now, self.calls, self.log = durations_ms, 0.0, 0, []
+
+    def fn(self):
+        self.now += self.durations_ms[self.calls % len(self.durations_ms)]
+        self.calls += 1
+        self.log.append("call")
+
+    def flush(self):
+        self.log.append("flush")
+
+    def event(self):
+        device = self
+
+        class Event:
+            def record(self):
+                self.at = device.now
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        return Event()
+
+
+@pytest.mark.parametrize("durations_ms", [[1.0], [1.0, 3.0, 2.0, 2.5, 7.0], [0.0]])
+def test_median_ms_times_each_call_alone_after_a_flush(durations_ms):
+    device = FakeDevice(durations_ms)
+    got = autotune.median_ms(device.fn, device.flush, device.event, lambda: None)
+    duration = lambda i: durations_ms[i % len(durations_ms)]  # of the i-th call
+    estimate = max(sum(duration(1 + i) for i in range(5)) / 5, 1e-3)
+    warmup = max(1, int(25 / estimate))
+    timed = max(1, min(autotune.MAX_TIMED_CALLS, int(100 / estimate)))
+    assert device.calls == 1 + 5 + warmup + timed
+    assert got == statistics.median(duration(1 + 5 + warmup + i) for i in range(timed))
+    assert device.log[:11] == ["call"] + ["flush", "call"] * 5  # the estimate flushes too
+    assert device.log[11 + warmup:] == ["flush", "call"] * timed and "flush" not in device.log[11:11 + warmup]
+
+
+def test_cuda_timer_flushes_with_a_buffer_of_the_l2s_size(monkeypatch):
+    flushes = []
+
+    def median_ms(fn, flush, event, synchronize):
+        flushes.append(flush.__self__)  # the buffer whose zero_ is the flush
+        return 1.5
+
+    monkeypatch.setattr(autotune, "median_ms", median_ms)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(L2_cache_size=50 << 20))
+    assert autotune.cuda_timer(lambda: None, "stock") == 1.5
+    (buffer,) = flushes
+    assert buffer.numel() * buffer.element_size() == 50 << 20
 
 
 def test_the_choice_is_cached_on_disk(tmp_path, monkeypatch):
