@@ -64,7 +64,7 @@ from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 from diffopt.kernels import attention as kernels
 from diffopt.compat import real_mode
 
-from .fx_utils import call_arguments, fake_value, insert_call, op_name, same_layout
+from .fx_utils import call_arguments, fake_value, insert_call, op_name, same_layout, storage_of
 
 aten = torch.ops.aten
 
@@ -251,19 +251,32 @@ def _key(call: _Call, candidates: list[str], device: torch.device) -> dict[str, 
     }
 
 
-def _real(fake: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A tensor with ``fake``'s sizes, strides and storage offset (so its alignment), random values."""
-    shape, stride, offset = _dims(fake), [_hint(s) for s in fake.stride()], _hint(fake.storage_offset())
-    numel = offset + sum((size - 1) * step for size, step in zip(shape, stride)) + 1
-    storage = torch.randn(numel, generator=generator, dtype=fake.dtype, device=fake.device)
-    return storage.as_strided(shape, stride, offset)
+def _real(nodes: list[fx.Node], generator: torch.Generator) -> dict[fx.Node, torch.Tensor]:
+    """Per node, a tensor with its value's sizes, strides and storage offset (so its alignment) and
+    random values. Values that view one storage in the graph (q, k and v as head slices of one packed
+    projection) view one real storage here too: the call's own aliasing, and its inputs' memory once,
+    not once per view."""
+    fakes = {node: fake_value(node) for node in nodes}
+    storage_key = {node: storage_of(fake) or node for node, fake in fakes.items()}
+    layouts = {node: (_dims(fake), [_hint(s) for s in fake.stride()], _hint(fake.storage_offset()))
+               for node, fake in fakes.items()}
+    elements: dict[Any, int] = {}  # storage -> elements its views reach
+    for node, (shape, stride, offset) in layouts.items():
+        reach = offset + sum((size - 1) * step for size, step in zip(shape, stride)) + 1
+        elements[storage_key[node]] = max(elements.get(storage_key[node], 0), reach)
+    storages = {}
+    for node, fake in fakes.items():
+        key = storage_key[node]
+        if key not in storages:
+            storages[key] = torch.randn(elements[key], generator=generator, dtype=fake.dtype, device=fake.device)
+    return {node: storages[storage_key[node]].as_strided(*layouts[node]) for node in nodes}
 
 
 def _runs(call: _Call, candidates: list[str]) -> tuple[autotune.Run, dict[str, autotune.Run]]:
     """The stock call and each candidate on real tensors like the call's (run under real_mode)."""
     device = call.fakes[0].device
     generator = torch.Generator(device).manual_seed(0)
-    real = {node: _real(fake_value(node), generator) for node in (call.q, call.k, call.v)}
+    real = _real([call.q, call.k, call.v], generator)
     args, kwargs = fx.node.map_arg((call.node.args, call.node.kwargs), real.__getitem__)
     q, k, v = real[call.q], real[call.k], real[call.v]
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, is_concrete_int, statically_known_true
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from diffopt import compat
@@ -37,6 +38,15 @@ def fake_value(node: Any) -> Any:
         return node
     meta = node.meta
     return meta["val"] if "val" in meta else meta.get("example_value")
+
+
+def storage_of(value: torch.Tensor) -> Any:
+    """A hashable name for the storage ``value`` views (views of one tensor share it); None where the
+    tensor has none to name."""
+    try:
+        return StorageWeakRef(value.untyped_storage())
+    except Exception:
+        return None
 
 
 def unbacked_symbols(value: Any) -> set:

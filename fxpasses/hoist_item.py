@@ -69,12 +69,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from .fx_utils import concrete_shape, erase_dead, fake_value, insert_call, leaves, same_layout, unbacked_symbols, views_of
+from .fx_utils import (
+    concrete_shape, erase_dead, fake_value, insert_call, leaves, same_layout, storage_of, unbacked_symbols, views_of,
+)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -174,7 +175,7 @@ class _Element:
     def touches(self, mutated: set) -> bool:
         for node in [self.root, *self.chain]:
             value = fake_value(node)
-            if not isinstance(value, torch.Tensor) or _storage(value) in mutated:
+            if not isinstance(value, torch.Tensor) or storage_of(value) in mutated:
                 return True
         return False
 
@@ -324,13 +325,6 @@ def _is_device_copy(node: fx.Node) -> bool:
 # --- graph facts -------------------------------------------------------------------
 
 
-def _storage(value: torch.Tensor) -> Any:
-    try:
-        return StorageWeakRef(value.untyped_storage())
-    except Exception:
-        return None
-
-
 def _mutated_storages(graph: fx.Graph) -> set:
     mutated = set()
     for node in graph.nodes:
@@ -341,7 +335,7 @@ def _mutated_storages(graph: fx.Graph) -> set:
         for leaf in leaves((node.args, node.kwargs)):
             value = fake_value(leaf)
             if isinstance(value, torch.Tensor):
-                mutated.add(_storage(value))
+                mutated.add(storage_of(value))
     return mutated
 
 

@@ -578,6 +578,49 @@ def test_no_room_to_measure_keeps_the_stock_call_and_caches_nothing(monkeypatch)
     assert not autotune.cache_file().exists()
 
 
+def packed_attention(x):
+    """q, k, v: head slices of one packed projection [B, S, 3 * H * D] (a fused qkv linear)."""
+    qkv = x.unflatten(-1, (3, 4, 16))
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("build", [packed_attention, bshd_attention], ids=["qkv packed", "kv packed"])
+def test_the_measurement_views_one_storage_where_the_call_does(monkeypatch, build):
+    from diffopt.fxpasses import attention as attention_pass
+
+    made = []
+    real = attention_pass._real
+    monkeypatch.setattr(attention_pass, "_real", lambda nodes, generator: made.append(real(nodes, generator)) or made[-1])
+    g = torch.Generator().manual_seed(5)
+    args = (torch.randn(2, 9, 192, generator=g),) if build is packed_attention else attention_inputs()
+    t = trace(build, *args, options=options(Timer(stock=2.0, sdpa_efficient=1.0, sdpa_flash=0.5)))
+    assert _choice(t.report) == "sdpa_efficient"
+    torch.testing.assert_close(t.output, build(*args))
+    ((q, k, v),) = ([tensors[node] for node in tensors] for tensors in made)
+    packed = args[-1]  # the tensor k and v (and q where packed) are views of
+    assert k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert k.untyped_storage().nbytes() == packed.untyped_storage().nbytes()
+    assert (q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()) == (build is packed_attention)
+    for x, like in zip((q, k, v), _sdpa_inputs(monkeypatch, build, *args)):
+        assert (x.shape, x.stride(), x.storage_offset()) == (like.shape, like.stride(), like.storage_offset())
+
+
+def _sdpa_inputs(monkeypatch, build, *args):
+    """q, k, v as ``build`` hands them to SDPA, in eager."""
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.extend((q, k, v))
+        return original(q, k, v, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", spy)
+        build(*args)
+    return seen
+
+
 def test_stock_stays_when_it_is_fastest():
     choice, t = run_choice(Timer(stock=1.0, sdpa_efficient=1.5, sdpa_flash=1.2, sdpa_cudnn=1.1))
     assert choice is None and stock_ops(t.after("attention")) == 1
