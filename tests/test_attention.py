@@ -661,6 +661,8 @@ def compared_outputs(draw):
     expected = torch.randn([shape[d] for d in order], generator=generator).to(dtype).permute(
         [order.index(d) for d in range(len(shape))])
     got = expected * (1 + draw(st.sampled_from([0.0, 1.0, 2.0])) * torch.finfo(dtype).eps)
+    if draw(st.booleans()):  # the same values in the other layout: slices must pair by index, not storage order
+        got = got.contiguous() if draw(st.booleans()) else got.transpose(0, -1).contiguous().transpose(0, -1)
     where = tuple(draw(st.integers(0, size - 1)) for size in shape)
     got[where] += draw(st.sampled_from([0.0, 1e-3, 0.5, float("nan")]))
     return got, expected, draw(st.integers(1, 40))
@@ -692,7 +694,7 @@ def test_the_comparison_holds_no_whole_output_in_float64(monkeypatch):
     monkeypatch.setattr(autotune, "COMPARE_CHUNK", 64)
     generator = torch.Generator().manual_seed(3)
     expected = torch.randn(2, 37, 3, 16, generator=generator).to(BF16).transpose(1, 2)  # a BHSD view of BSHD
-    got = expected.clone()
+    got = expected.contiguous()  # BHSD memory: the pair's slices are views in different layouts
     got[1, 2, 36, 15] += 1.0  # in the last slice
     with LargestFloat64() as mode:
         why = autotune.mismatch(got, expected)
@@ -700,29 +702,47 @@ def test_the_comparison_holds_no_whole_output_in_float64(monkeypatch):
     assert 0 < mode.numel <= 64
 
 
+def test_empty_outputs_agree():
+    assert autotune.mismatch(torch.empty(2, 0, 3), torch.empty(2, 0, 3)) is None
+
+
 class FakeDevice:
     """A clock that each call of the timed function advances by the next of ``durations_ms``
-    (cycling); events read it when recorded. ``log`` keeps the order of flushes and calls."""
+    (cycling) and each flush by 0.25 ms, so a flush inside a timed window shows in the result.
+    Events read the clock when recorded; reading one before a synchronize after its recording
+    fails, as on a GPU. ``log`` keeps the order of flushes, calls and records."""
+
+    FLUSH_MS = 0.25
 
     def __init__(self, durations_ms):
         self.durations_ms, self.now, self.calls, self.log = durations_ms, 0.0, 0, []
+        self.steps = self.synced_at = 0  # a counter of device work, and its value at the last synchronize
 
     def fn(self):
         self.now += self.durations_ms[self.calls % len(self.durations_ms)]
         self.calls += 1
+        self.steps += 1
         self.log.append("call")
 
     def flush(self):
+        self.now += self.FLUSH_MS
+        self.steps += 1
         self.log.append("flush")
+
+    def synchronize(self):
+        self.synced_at = self.steps
 
     def event(self):
         device = self
 
         class Event:
             def record(self):
-                self.at = device.now
+                device.steps += 1
+                self.at, self.step = device.now, device.steps
+                device.log.append("record")
 
             def elapsed_time(self, end):
+                assert device.synced_at >= max(self.step, end.step), "read before a synchronize"
                 return end.at - self.at
 
         return Event()
@@ -731,30 +751,43 @@ class FakeDevice:
 @pytest.mark.parametrize("durations_ms", [[1.0], [1.0, 3.0, 2.0, 2.5, 7.0], [0.0]])
 def test_median_ms_times_each_call_alone_after_a_flush(durations_ms):
     device = FakeDevice(durations_ms)
-    got = autotune.median_ms(device.fn, device.flush, device.event, lambda: None)
+    got = autotune.median_ms(device.fn, device.flush, device.event, device.synchronize)
     duration = lambda i: durations_ms[i % len(durations_ms)]  # of the i-th call
-    estimate = max(sum(duration(1 + i) for i in range(5)) / 5, 1e-3)
+    estimate = max(sum(device.FLUSH_MS + duration(1 + i) for i in range(5)) / 5, 1e-3)  # the estimate flushes too
     warmup = max(1, int(25 / estimate))
     timed = max(1, min(autotune.MAX_TIMED_CALLS, int(100 / estimate)))
     assert device.calls == 1 + 5 + warmup + timed
-    assert got == statistics.median(duration(1 + 5 + warmup + i) for i in range(timed))
-    assert device.log[:11] == ["call"] + ["flush", "call"] * 5  # the estimate flushes too
-    assert device.log[11 + warmup:] == ["flush", "call"] * timed and "flush" not in device.log[11:11 + warmup]
+    assert timed > 10  # a median of many calls
+    assert got == pytest.approx(statistics.median(duration(1 + 5 + warmup + i) for i in range(timed)))
+    assert device.log[:13] == ["call", "record"] + ["flush", "call"] * 5 + ["record"]
+    assert device.log[13:13 + warmup] == ["call"] * warmup
+    assert device.log[13 + warmup:] == ["flush", "record", "call", "record"] * timed
 
 
-def test_cuda_timer_flushes_with_a_buffer_of_the_l2s_size(monkeypatch):
-    flushes = []
+def test_median_ms_of_fast_calls_times_many():
+    # calls of a microsecond are timed MAX_TIMED_CALLS times, not 100 ms / 1 us (with a flush that costs nothing)
+    device = FakeDevice([0.001])
+    device.FLUSH_MS = 0.0
+    assert autotune.median_ms(device.fn, device.flush, device.event, device.synchronize) == pytest.approx(0.001)
+    assert device.log.count("record") == 2 + 2 * autotune.MAX_TIMED_CALLS
+
+
+@pytest.mark.parametrize("l2_bytes, flush_bytes", [(50 << 20, 50 << 20), (0, 256 << 20)], ids=["L2", "unknown L2"])
+def test_cuda_timer_flushes_with_a_buffer_of_the_l2s_size(monkeypatch, l2_bytes, flush_bytes):
+    used = []
 
     def median_ms(fn, flush, event, synchronize):
-        flushes.append(flush.__self__)  # the buffer whose zero_ is the flush
+        used.append((flush.__self__, event()))  # the buffer whose zero_ is the flush; one event
         return 1.5
 
     monkeypatch.setattr(autotune, "median_ms", median_ms)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(L2_cache_size=50 << 20))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(L2_cache_size=l2_bytes))
+    monkeypatch.setattr(torch.cuda, "Event", lambda **kwargs: kwargs)
     assert autotune.cuda_timer(lambda: None, "stock") == 1.5
-    (buffer,) = flushes
-    assert buffer.numel() * buffer.element_size() == 50 << 20
+    ((buffer, event),) = used
+    assert buffer.numel() * buffer.element_size() == flush_bytes
+    assert event == {"enable_timing": True}
 
 
 def test_the_choice_is_cached_on_disk(tmp_path, monkeypatch):
