@@ -13,7 +13,8 @@ Configurations: ``eager`` once per workload, then each compiled backend with eve
 combination of the options asked for: ``--cudagraphs`` adds ``mode="reduce-overhead"``,
 ``--max-autotune`` adds ``mode="max-autotune-no-cudagraphs"`` (sglang's diffusion default;
 with both flags also ``"max-autotune"``), ``--regional`` adds diffusers'
-``model.compile_repeated_blocks(...)`` next to whole-model ``torch.compile``. ``--configs``
+``model.compile_repeated_blocks(...)`` next to whole-model ``torch.compile`` (with CUDA graphs,
+each forward marked as one CUDA-graph step: :func:`compiled`). ``--configs``
 instead lists configurations by name: ``backend[/regional][/mode]``, for example
 ``eager,inductor/regional,diffopt/regional/reduce-overhead``.
 
@@ -338,6 +339,24 @@ def plot(results: Sequence[dict], meta: dict, path: Path) -> Path | None:
 # ---------------------------------------------------------------------------- child
 
 
+def compiled(model, config: Config):
+    """``model`` as ``config`` runs it. Regional with CUDA graphs, each forward begins a CUDA-graph
+    step (``torch.compiler.cudagraph_mark_step_begin``): otherwise every block's call starts a new
+    generation of torch's CUDA-graph trees, which overwrites the previous block's output while the
+    next block reads it (pytorch/pytorch#152887); this is the recipe docs/benchmarks.md gives."""
+    import torch
+
+    mode = {"mode": config.mode} if config.mode else {}
+    if config.backend == "eager":
+        return model
+    if not config.regional:
+        return torch.compile(model, backend=config.backend, **mode)
+    model.compile_repeated_blocks(backend=config.backend, **mode)
+    if config.mode in CUDA_GRAPH_MODES:
+        model.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
+    return model
+
+
 def run_child(spec: dict) -> dict:
     """Build, compile and time one configuration (in a process of its own)."""
     import torch
@@ -363,13 +382,7 @@ def run_child(spec: dict) -> dict:
     base = torch.cuda.memory_allocated() if cuda else None
     base_reserved = cuda_reserved() if cuda else None
 
-    if config.backend == "eager":
-        fn = model
-    elif config.regional:
-        model.compile_repeated_blocks(backend=config.backend, **({"mode": config.mode} if config.mode else {}))
-        fn = model
-    else:
-        fn = torch.compile(model, backend=config.backend, **({"mode": config.mode} if config.mode else {}))
+    fn = compiled(model, config)
 
     def peak_above_base():
         return cuda_peak_above(base) if cuda else contextlib.nullcontext(Peak())

@@ -108,6 +108,40 @@ def test_configurations_cross_the_options_with_backends_side_by_side():
     ]
 
 
+class RecordsCompiles:
+    """A model that records how it was compiled, and runs its forward pre-hooks when called."""
+
+    def __init__(self):
+        self.regional, self.hooks = [], []
+
+    def compile_repeated_blocks(self, **kwargs):
+        self.regional.append(kwargs)
+
+    def register_forward_pre_hook(self, hook):
+        self.hooks.append(hook)
+
+    def __call__(self):
+        for hook in self.hooks:
+            hook(self, ())
+
+
+@pytest.mark.parametrize("name, regional, steps_marked", [
+    ("diffopt/regional/reduce-overhead", [{"backend": "diffopt", "mode": "reduce-overhead"}], 2),
+    ("inductor/regional/max-autotune", [{"backend": "inductor", "mode": "max-autotune"}], 2),
+    ("diffopt/regional/max-autotune-no-cudagraphs", [{"backend": "diffopt", "mode": "max-autotune-no-cudagraphs"}], 0),
+    ("diffopt/regional", [{"backend": "diffopt"}], 0),
+    ("eager", [], 0),
+])
+def test_regional_cuda_graphs_begin_a_step_per_forward(monkeypatch, name, regional, steps_marked):
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = RecordsCompiles()
+    assert bench_models.compiled(model, Config.parse(name)) is model
+    model()
+    model()
+    assert model.regional == regional and len(marks) == steps_marked
+
+
 def test_schedule_repeats_the_whole_set_in_order():
     a, b = Config("eager"), Config("diffopt")
     assert bench_models.schedule(["w1", "w2"], [a, b], 2) == [
@@ -246,3 +280,14 @@ def test_tiny_run_on_cuda_measures_peak_memory(tmp_path):
             assert row["rel_err_max"] < 1e-3, name
     assert data["meta"]["env"]["gpu"]
     assert "kernel_prebuild" not in data["meta"]  # float32 only: no FlashInfer kernel to build
+
+
+@pytest.mark.gpu
+def test_tiny_regional_runs_under_cuda_graphs(tmp_path):
+    stdout, data, _ = _run(tmp_path, "--workloads", "flux_1024", "--configs",
+                           "eager,inductor/regional/reduce-overhead,diffopt/regional/reduce-overhead",
+                           "--iters", "3", "--warmup", "2", device="cuda")
+    for row in data["results"]:
+        assert row["failed_repeats"] == 0, (row["config"], row["errors"])
+        if row["config"] != "eager":
+            assert row["rel_err_max"] < 1e-3, row["config"]
