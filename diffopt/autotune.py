@@ -93,8 +93,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 def cuda_timer(fn: Run, name: str) -> float:
     """Median milliseconds of ``fn`` on the current CUDA device, each timed call after an L2 flush."""
     device = torch.cuda.current_device()
-    # A flush buffer of the L2's size, as Inductor's benchmarker has (and, like it, 256 MB where
-    # the device does not say): triton's do_bench allocates 256 MB on every GPU, which was most of
+    # A flush buffer of the L2's size, as Inductor's benchmarker has (and, like it, 256 MiB where
+    # the device does not say): triton's do_bench allocates 256 MiB on every GPU, which was most of
     # the first call's peak on small models (Wan at one frame).
     l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 256 << 20
     flush = torch.empty(l2_bytes // 4, dtype=torch.int, device=device)

@@ -13,9 +13,9 @@ Optimized form: ``torch.ops.diffopt.attention(q, k, v, scale=..., backend=..., o
 computed by the backend that was fastest on this call's own shapes, dtypes and strides: ATen's
 other SDPA kernels, FlashInfer's fa3 (Hopper) and fa2 when FlashInfer is installed. Each candidate
 runs and is timed against the stock call while compiling (``diffopt.autotune``: real tensors on the
-device, random values, medians by ``triton.testing.do_bench``'s method); one that fails to build or run, or
-disagrees with the stock call beyond rounding, is never chosen; the stock call stays unless a
-candidate beats it by more than 1%. The choice is cached on disk (``$DIFFOPT_CACHE_DIR``, default
+device, random values, medians by ``triton.testing.do_bench``'s method); one that fails to build or
+run, or disagrees with the stock call beyond rounding, is never chosen; the stock call stays unless
+a candidate beats it by more than 1%. The choice is cached on disk (``$DIFFOPT_CACHE_DIR``, default
 ``diffopt/`` in Inductor's cache dir), keyed by shapes, strides, dtype, scale, device name and the
 torch/CUDA/cuDNN/FlashInfer/diffopt versions: a second compile does not measure again. ``explain``
 shows, per attention call, the candidates' times and the choice (with the rewrite), or why the call
