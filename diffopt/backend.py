@@ -62,6 +62,7 @@ def diffopt_backend(
     graph_name = f"graph {next(_graph_ids)}"
 
     scalar_capture.integer_reads(gm)
+    scalar_capture.scaled_scalar_operands(gm)
     gm.recompile()
     gm = training.rewrite_before_autograd(gm, example_inputs, pipeline, graph_name)
 

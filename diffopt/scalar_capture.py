@@ -13,7 +13,7 @@ the wrapper (by name, callable or ``functools.partial``) is diffopt's. Should to
 such lookup, the config is set process-wide instead.
 
 Capturing must never turn a program that compiles with ``backend="inductor"`` into one that
-does not. Two things keep it so:
+does not, or into one that computes something else. Three things keep it so:
 
 - Integer reads. ``int(t.item())`` (``math.trunc``, ``math.floor``, ``math.ceil``, ``round``)
   of a floating-point ``t`` is, captured, a symbol ``TruncToInt(zuf0)`` of a float symbol, and
@@ -28,6 +28,15 @@ does not. Two things keep it so:
   any other float expression (``int(t.item() * 1000)``) has no such exact tensor form: the
   graph is refused with :class:`ScalarCaptureUnsupported`, and its frame is compiled again
   without capture, as below.
+- Scaled scalar operands. ``x.add(t.item(), alpha=3)`` (``sub``, ``add_``, ``sub_``,
+  ``torch.add``, ``torch.sub`` and ``torch.rsub`` alike) with a captured float computes
+  ``x + t.item()``: torch's pass that turns symbolic floats into tensors
+  (``_tensorify_python_scalars``) drops the ``alpha``, silently (torch 2.13 and before).
+  :func:`scaled_scalar_operands` refuses such a graph, and its frame is compiled again without
+  capture: the read breaks the graph and the float reaches the rest as a number, as under
+  Inductor. No exact rewrite keeps it captured: ``x + s * alpha`` rounds ``s * alpha`` once where
+  the kernel rounds ``alpha`` and ``s`` apart. (A float argument that torch makes dynamic, on a
+  later call with another value, loses its alpha the same way with plain Inductor.)
 - Frames that do not trace. Captured, ``prefix_len = int(mask.sum())`` is an unbacked symbol,
   and ``ids[:prefix_len].tolist()`` cannot be traced (``GuardOnDataDependentSymNode``: the
   list's length depends on data); uncaptured, the read breaks the graph and the rest traces
@@ -35,9 +44,11 @@ does not. Two things keep it so:
   refused) is compiled again with the user's Dynamo config, the one Inductor would trace it
   with; where that works, the ``diffopt`` logger warns, naming the frame and the error, and
   where it fails too, Dynamo handles that failure as it would with Inductor. Other frames keep
-  capturing. An error while compiling a graph that was captured (``BackendCompilerFailed``:
-  Inductor, or a diffopt pass under ``strict``) is not retried. This needs ``torch.compile``
-  without ``fullgraph`` (with it, a graph break is an error).
+  capturing. Compiling a captured graph can fail the same way: ``torch.lerp(x, y, t.item())``
+  decomposes into a branch on the weight (``GuardOnDataDependentSymNode`` inside the backend), so
+  that failure is retried too. Any other error while compiling a graph that was captured
+  (``BackendCompilerFailed``: Inductor, or a diffopt pass under ``strict``) is not. This needs
+  ``torch.compile`` without ``fullgraph`` (with it, a graph break is an error).
 """
 from __future__ import annotations
 
@@ -51,7 +62,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
 from . import compat
 from .fxpasses.fx_utils import fake_value
@@ -101,7 +112,7 @@ def compile_frame(code: Any, convert: Callable[[], Any]) -> Any:
         return convert()
     except compat.BackendCompilerFailed as error:
         cause = getattr(error, "inner_exception", None) or error.__cause__
-        if not isinstance(cause, ScalarCaptureUnsupported):
+        if not isinstance(cause, (ScalarCaptureUnsupported, GuardOnDataDependentSymNode)):
             raise
         failure: Exception = cause
     except Exception as error:
@@ -118,6 +129,36 @@ def compile_frame(code: Any, convert: Callable[[], Any]) -> Any:
         ", ".join(f"{key}={value}" for key, value in user_config.items()),
     )
     return converted
+
+
+# --- scaled scalar operands --------------------------------------------------------------------
+
+# ``x.add(other, alpha=...)`` and its kin, as a Dynamo graph names them.
+_ALPHA_METHODS = ("add", "add_", "sub", "sub_", "subtract", "subtract_")
+_ALPHA_FUNCTIONS = {torch.add, torch.sub, torch.subtract, torch.rsub, *(getattr(torch.Tensor, name) for name in _ALPHA_METHODS)}
+
+
+def scaled_scalar_operands(gm: fx.GraphModule) -> None:
+    """Refuse the graph where a float computed from captured ``.item()`` reads is the ``other`` of
+    an add, sub or rsub with an ``alpha``: torch's compile would drop the alpha."""
+    for node in gm.graph.nodes:
+        if not _takes_alpha(node) or node.kwargs.get("alpha", 1) == 1:
+            continue
+        other = fake_value(node.args[1] if len(node.args) > 1 else node.kwargs.get("other"))
+        if isinstance(other, torch.SymFloat) and free_unbacked_symbols(other):
+            raise ScalarCaptureUnsupported(
+                f"{source_line(node) or node.name}: adds a float computed from captured .item() reads "
+                f"with alpha={node.kwargs['alpha']}, which torch's compile drops"
+            )
+
+
+def _takes_alpha(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _ALPHA_METHODS
+    try:
+        return node.op == "call_function" and node.target in _ALPHA_FUNCTIONS
+    except TypeError:  # an unhashable target
+        return False
 
 
 # --- integer reads ------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ is computed in each consumer again after those rewrites (``recompute_upcasts``).
 Preconditions: the op is an ATen/prims op that neither mutates, draws random
 numbers, nor has a data-dependent output (``.item()``, ``nonzero``; a gather by
 integer indices, ``table[positions]``, has none), and both nodes have the same
-target, the same arguments (the same nodes or equal constants) and the same
-keyword arguments, and the op is not an allocation (``empty``, ``empty_like``,
-``empty_strided``: undefined contents, and one shared buffer would live from the
-first use to the last), and not both the original and the duplicate are outputs (or
-views of outputs): merged, they would be one tensor.
+target, the same arguments (the same nodes or constants of the same type and bits:
+``0.0`` and ``-0.0`` differ) and the same keyword arguments, and the op is not an
+allocation (``empty``, ``empty_like``, ``empty_strided``: undefined contents, and one
+shared buffer would live from the first use to the last), and not both the original
+and the duplicate are outputs (or views of outputs): merged, they would be one tensor.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from .fx_utils import is_pure, is_view, op_name
+from .fx_utils import constant_key, is_pure, is_view, op_name
 
 
 # node.meta key of a node that took over duplicates' consumers: the names of its own consumers, then of
@@ -100,7 +100,5 @@ def _freeze(value: Any) -> Any:
         return (type(value).__name__, tuple(_freeze(v) for v in value))
     if isinstance(value, dict):
         return ("dict", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
-    if isinstance(value, float) and value != value:
-        raise TypeError("NaN constants never compare equal")
-    return (type(value).__name__, value)
+    return constant_key(value)
 

@@ -49,6 +49,17 @@ def storage_of(value: torch.Tensor) -> Any:
         return None
 
 
+def constant_key(value: Any) -> Any:
+    """A key two constants share exactly when they are the same value of the same type, bit for bit:
+    ``0.0 == -0.0``, yet ``1 / (x * 0.0)`` and ``1 / (x * -0.0)`` differ in sign. A NaN never
+    shares its key (it never equals itself)."""
+    if isinstance(value, float):
+        return ("float", object() if value != value else value.hex())
+    if isinstance(value, complex):
+        return ("complex", constant_key(value.real), constant_key(value.imag))
+    return (type(value).__name__, value)
+
+
 def unbacked_symbols(value: Any) -> set:
     """The unbacked symbols (``.item()`` results and the like) that a value names, in any of its
     leaves: a higher-order op's value can be a dict (a Triton launch's: argument name -> tensor),

@@ -80,7 +80,9 @@ from diffopt import compat
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 from diffopt.kernels.reference import apply_rope
 
-from .fx_utils import RESHAPES as _VIEWS, concrete as _concrete, erase_dead, fake_value, insert_call, is_pure
+from .fx_utils import (
+    RESHAPES as _VIEWS, concrete as _concrete, constant_key, erase_dead, fake_value, insert_call, is_pure,
+)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -1024,13 +1026,18 @@ def _same_value(a: Any, b: Any, depth: int) -> bool:
             and a.op == b.op == "call_function"
             and a.target == b.target
             and is_pure(a)
-            and a.kwargs == b.kwargs
+            and _same_value(a.kwargs, b.kwargs, depth)
             and len(a.args) == len(b.args)
             and all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args))
         )
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same_value(x, y, depth) for x, y in zip(a, b))
-    return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[key], b[key], depth) for key in a)
+    return (
+        not isinstance(a, fx.Node) and not isinstance(b, fx.Node)
+        and type(a) is type(b) and constant_key(a) == constant_key(b)
+    )
 
 
 def _compatible(q: _Site, k: _Site) -> int | None:

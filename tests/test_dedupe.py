@@ -1,7 +1,8 @@
 """dedupe: a pure op applied twice to the same inputs is computed once; random and mutating ops never."""
+import pytest
 import torch
 
-from diffopt.testing import count_ops, trace
+from diffopt.testing import check_passes, count_ops, only, trace
 
 
 def rotate_half(x):
@@ -38,6 +39,38 @@ def test_random_ops_and_different_constants_are_kept():
     assert after["aten.mul.Tensor"] == 2
     a, b, _, _ = result.output
     assert not torch.equal(a, b)
+
+
+def signed_zeros(x):
+    # equal as Python floats, different as constants: the sign of a zero decides an infinity's
+    return (1 / (x * 0.0), 1 / (x * -0.0), torch.where(x > 0, x, 0.0), torch.where(x > 0, x, -0.0),
+            x.clamp(max=0.0), x.clamp(max=-0.0), x.new_full((3,), 0.0), x.new_full((3,), -0.0))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inductor", [False, True], ids=["aten", "inductor"])
+def test_constants_that_differ_only_in_a_zeros_sign_are_kept(inductor):
+    x = torch.randn(3, generator=torch.Generator().manual_seed(1))
+    x[1] = -x[1].abs()
+    result = trace(signed_zeros, x, options=only("dedupe", inductor=inductor))
+    before, after = count_ops(result.before("dedupe")), count_ops(result.after("dedupe"))
+    assert before["aten.gt.Scalar"] == 2 and after["aten.gt.Scalar"] == 1  # the one real duplicate: x > 0
+    assert result.report.matches("dedupe") == 1
+    for got, want in zip(result.output, signed_zeros(x)):
+        assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inductor", [False, True], ids=["aten", "inductor"])
+def test_complex_constants_that_differ_only_in_a_zeros_sign_are_kept(inductor):
+    # against the same compile without the pass (torch's own tracing rounds some complex zeros' signs)
+    def products(z):
+        return (z * complex(0.0, 0.0)).imag.signbit(), (z * complex(0.0, -0.0)).imag.signbit()
+
+    z = torch.randn(6, dtype=torch.complex64, generator=torch.Generator().manual_seed(2))
+    result = check_passes(products, z, passes=["dedupe"], inductor=inductor)
+    assert result.report.matches("dedupe") == 0
+    assert not torch.equal(*result.output)  # the two signs differ somewhere, so a merge would show
 
 
 @torch.no_grad()

@@ -120,9 +120,9 @@ def wan_tables(S, D, seed=9):
     return angle.cos(), angle.sin()
 
 
-def check(fn, args, fires=1, rtol=1e-5, atol=1e-5):
+def check(fn, args, fires=1, rtol=1e-5, atol=1e-5, options=ON_CPU):
     with torch.no_grad():
-        result = trace(fn, *args, options=ON_CPU)
+        result = trace(fn, *args, options=options)
         want = fn(*args)
     assert result.report.matches("qk_norm_rope") == fires
     after = count_ops(result.after("qk_norm_rope"))
@@ -223,6 +223,21 @@ def test_not_when_q_and_k_use_different_tables():
         return rope_neox(norm_functional(q, wq, 1e-6), cq, sq), rope_neox(norm_functional(k, wk, 1e-6), ck, sk)
 
     check(two_tables, inputs(1, 4, 2, 2, 8, neox_tables(1, 4, 8) + neox_tables(1, 4, 8, seed=3)), fires=0)
+
+
+def test_not_when_the_tables_differ_in_a_zeros_sign():
+    # the same ops on the same inputs, but 0.0 and -0.0 (equal as Python floats) as the masked value:
+    # k's sin table holds -0 where q's holds +0, and rotated k's zeros take that sign
+    def masked_tables(q, k, wq, wk, cos, sin, mask):
+        cos = torch.where(mask, cos, 0.0)
+        q = rope_neox(norm_functional(q, wq, 1e-6), cos, torch.where(mask, sin, 0.0))
+        return q, rope_neox(norm_functional(k, wk, 1e-6), cos, torch.where(mask, sin, -0.0))
+
+    mask = rand(1, 4, 1, 8, seed=5) > 0.3
+    args = inputs(1, 4, 2, 2, 8, neox_tables(1, 4, 8) + (mask,))
+    check(masked_tables, args, fires=0)
+    # the pass's own comparison of the tables, with dedupe (which compares constants the same way) off
+    check(masked_tables, args, fires=0, options={"passes": {**ON_CPU["passes"], "dedupe": False}})
 
 
 # --- numerics over random shapes, against float64 -------------------------------------

@@ -153,6 +153,54 @@ def test_other_float_roundings_compile_without_capture(inductor, tables, caplog)
     assert "ScalarCaptureUnsupported" in warning and "capture_scalar_outputs=False" in warning
 
 
+# --- scalar operands torch's compile mishandles when captured -------------------------------------
+
+SCALED_SCALAR_FORMS = {
+    # AOT autograd drops alpha of a symbolic float operand; Inductor drops rsub's
+    "add": lambda x, t: x.add(t.item(), alpha=3),
+    "sub": lambda x, t: torch.sub(x, t.item() * 2, alpha=2.5),
+    "add_": lambda x, t: x.clone().add_(t.item(), alpha=-1.5),
+    "rsub": lambda x, t: torch.rsub(x, t.item(), alpha=3),
+    # decomposes into a branch on the weight: a data-dependent guard while compiling
+    "lerp": lambda x, t: torch.lerp(x, x * 2, t.item()),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", SCALED_SCALAR_FORMS)
+def test_scalar_operands_torch_mishandles_compile_without_capture(inductor, name, caplog):
+    # Each value compiled afresh: on a later call torch makes the float argument dynamic, and then
+    # plain Inductor drops the alpha too (torch's bug, see scalar_capture)
+    form = SCALED_SCALAR_FORMS[name]
+    x = torch.randn(6, generator=torch.Generator().manual_seed(8))
+    for value in (1000.0, -3.5):
+        torch.compiler.reset()
+        caplog.clear()
+        t = torch.tensor(value)
+        with caplog.at_level(logging.WARNING, logger="diffopt"):
+            got = torch.compile(form, backend="diffopt", options={"inductor": inductor})(x, t)
+        torch.testing.assert_close(got, form(x, t))  # Inductor rounds lerp and rsub its own way
+        [warning] = [r.getMessage() for r in caplog.records if "does not compile with captured scalars" in r.getMessage()]
+        cause = "GuardOnDataDependentSymNode" if name == "lerp" else "ScalarCaptureUnsupported"
+        assert cause in warning and "capture_scalar_outputs=False" in warning
+
+
+@torch.no_grad()
+def test_scalar_operands_without_alpha_stay_captured(inductor, caplog):
+    def forms(x, t):  # alpha 1, a tensor operand scaled by a captured alpha, a captured scalar times x
+        return x.add(t.item(), alpha=1), x.add(x, alpha=t.item()), x * t.item() - t.item()
+
+    x = torch.randn(6, generator=torch.Generator().manual_seed(9))
+    breaks = graph_breaks()
+    with caplog.at_level(logging.WARNING, logger="diffopt"):
+        fn = torch.compile(forms, backend="diffopt", options={"inductor": inductor})
+        for value in (1000.0, 0.25):
+            t = torch.tensor(value)
+            torch.testing.assert_close(fn(x, t), forms(x, t), rtol=0, atol=0)
+    assert not [r for r in caplog.records if "captured scalars" in r.getMessage()]
+    assert graph_breaks() == breaks
+
+
 # --- frames that do not trace with captured scalars ---------------------------------------------
 
 
@@ -249,6 +297,6 @@ def test_the_dynamo_hooks_are_installed_once():
 
     lookups, factories = eval_frame.get_compiler_fn, convert_frame.convert_frame
     assert lookups._diffopt_original is not lookups and factories._diffopt_original is not factories
-    scalar_capture.install(diffopt.backend._wrapped_diffopt)
+    scalar_capture.install(diffopt.backend._wrapped_diffopt, diffopt.backend._check_options)  # as the backend does
     assert eval_frame.get_compiler_fn._diffopt_original is lookups._diffopt_original
     assert convert_frame.convert_frame._diffopt_original is factories._diffopt_original
