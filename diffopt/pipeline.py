@@ -47,6 +47,10 @@ def check_order(passes: list[type[GraphPass]]) -> None:
                 raise ValueError(f"diffopt: pass {cls.name!r} must run after {name!r}; the pipeline has it before")
 
 
+class PassFailed(RuntimeError):
+    """A pass raised under ``strict`` (a bug in diffopt); the pass's own error is the cause."""
+
+
 class Pipeline:
     """The passes that ``options`` enable, instantiated with their options, in order."""
 
@@ -93,8 +97,8 @@ class Pipeline:
         try:
             graph_pass.apply(graph, log)
         except Exception as exc:
-            if self.options.strict:
-                raise
+            if self.options.strict:  # as diffopt's error, which nothing downstream takes for torch's
+                raise PassFailed(f"diffopt: pass {graph_pass.name} raised {_describe(exc)}") from exc
             error, failure = _describe(exc), exc
         else:
             try:

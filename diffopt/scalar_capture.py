@@ -47,7 +47,8 @@ does not, or into one that computes something else. Three things keep it so:
   capturing. Compiling a captured graph can fail the same way: ``torch.lerp(x, y, t.item())``
   decomposes into a branch on the weight (``GuardOnDataDependentSymNode`` inside the backend), so
   that failure is retried too. Any other error while compiling a graph that was captured
-  (``BackendCompilerFailed``: Inductor, or a diffopt pass under ``strict``) is not. This needs
+  (``BackendCompilerFailed``: Inductor, or a diffopt pass under ``strict``, whose error is
+  diffopt's ``PassFailed`` whatever the pass raised) is not. This needs
   ``torch.compile`` without ``fullgraph`` (with it, a graph break is an error).
 """
 from __future__ import annotations
@@ -133,19 +134,22 @@ def compile_frame(code: Any, convert: Callable[[], Any]) -> Any:
 
 # --- scaled scalar operands --------------------------------------------------------------------
 
-# ``x.add(other, alpha=...)`` and its kin, as a Dynamo graph names them.
+# ``x.add(other, alpha=...)`` and its kin, as a Dynamo graph names them (methods, torch functions,
+# ATen ops called directly).
 _ALPHA_METHODS = ("add", "add_", "sub", "sub_", "subtract", "subtract_")
 _ALPHA_FUNCTIONS = {torch.add, torch.sub, torch.subtract, torch.rsub, *(getattr(torch.Tensor, name) for name in _ALPHA_METHODS)}
+_ALPHA_OPS = {torch.ops.aten.add, torch.ops.aten.add_, torch.ops.aten.sub, torch.ops.aten.sub_, torch.ops.aten.rsub}
 
 
 def scaled_scalar_operands(gm: fx.GraphModule) -> None:
-    """Refuse the graph where a float computed from captured ``.item()`` reads is the ``other`` of
-    an add, sub or rsub with an ``alpha``: torch's compile would drop the alpha."""
+    """Refuse the graph where a float computed from captured ``.item()`` reads is an operand of an
+    add, sub or rsub with an ``alpha``: torch's compile would drop the alpha."""
     for node in gm.graph.nodes:
         if not _takes_alpha(node) or node.kwargs.get("alpha", 1) == 1:
             continue
-        other = fake_value(node.args[1] if len(node.args) > 1 else node.kwargs.get("other"))
-        if isinstance(other, torch.SymFloat) and free_unbacked_symbols(other):
+        operands = [*node.args[:2], *(node.kwargs.get(name) for name in ("input", "self", "other"))]
+        if any(isinstance(value := fake_value(operand), torch.SymFloat) and free_unbacked_symbols(value)
+               for operand in operands):
             raise ScalarCaptureUnsupported(
                 f"{source_line(node) or node.name}: adds a float computed from captured .item() reads "
                 f"with alpha={node.kwargs['alpha']}, which torch's compile drops"
@@ -156,7 +160,9 @@ def _takes_alpha(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _ALPHA_METHODS
     try:
-        return node.op == "call_function" and node.target in _ALPHA_FUNCTIONS
+        return node.op == "call_function" and (
+            node.target in _ALPHA_FUNCTIONS or getattr(node.target, "overloadpacket", node.target) in _ALPHA_OPS
+        )
     except TypeError:  # an unhashable target
         return False
 

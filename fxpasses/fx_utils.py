@@ -50,9 +50,9 @@ def storage_of(value: torch.Tensor) -> Any:
 
 
 def constant_key(value: Any) -> Any:
-    """A key two constants share exactly when they are the same value of the same type, bit for bit:
-    ``0.0 == -0.0``, yet ``1 / (x * 0.0)`` and ``1 / (x * -0.0)`` differ in sign. A NaN never
-    shares its key (it never equals itself)."""
+    """A key two scalar constants share exactly when they are the same value of the same type, bit
+    for bit: ``0.0 == -0.0``, yet ``1 / (x * 0.0)`` and ``1 / (x * -0.0)`` differ in sign. A NaN
+    never shares its key (it never equals itself). Lists and tuples: key each element."""
     if isinstance(value, float):
         return ("float", object() if value != value else value.hex())
     if isinstance(value, complex):

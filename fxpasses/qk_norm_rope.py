@@ -1026,7 +1026,7 @@ def _same_value(a: Any, b: Any, depth: int) -> bool:
             and a.op == b.op == "call_function"
             and a.target == b.target
             and is_pure(a)
-            and _same_value(a.kwargs, b.kwargs, depth)
+            and _same_value(a.kwargs, b.kwargs, depth - 1)
             and len(a.args) == len(b.args)
             and all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args))
         )

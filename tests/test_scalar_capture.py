@@ -8,7 +8,9 @@ import logging
 import math
 
 import pytest
+import sympy
 import torch
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 import diffopt
 import diffopt.backend
@@ -161,6 +163,9 @@ SCALED_SCALAR_FORMS = {
     "sub": lambda x, t: torch.sub(x, t.item() * 2, alpha=2.5),
     "add_": lambda x, t: x.clone().add_(t.item(), alpha=-1.5),
     "rsub": lambda x, t: torch.rsub(x, t.item(), alpha=3),
+    "scalar first": lambda x, t: torch.add(t.item(), x, alpha=3),
+    "keywords": lambda x, t: torch.sub(input=t.item(), other=x, alpha=2),
+    "aten": lambda x, t: torch.ops.aten.add.Tensor(x, t.item(), alpha=3),
     # decomposes into a branch on the weight: a data-dependent guard while compiling
     "lerp": lambda x, t: torch.lerp(x, x * 2, t.item()),
 }
@@ -272,19 +277,30 @@ def test_other_frames_keep_capturing(prefix_inputs, tables, caplog):
     assert torch._dynamo.config.capture_scalar_outputs is False  # nothing left set process-wide
 
 
-class RaisingPass(GraphPass):
-    name = "raising"
-    stage = Stage.POST_GRAD
+def raising_pass(error):
+    """A pass with a bug that shows on graphs with a captured read only."""
 
-    def apply(self, graph, log):
-        raise RuntimeError("deliberate failure")
+    class RaisingPass(GraphPass):
+        name = "raising"
+        stage = Stage.POST_GRAD
+
+        def apply(self, graph, log):
+            if any(node.target is torch.ops.aten._local_scalar_dense.default for node in graph.nodes):
+                raise error
+
+    return RaisingPass
 
 
 @torch.no_grad()
-def test_a_failing_compile_is_not_retried_without_capture(monkeypatch, tables):
+@pytest.mark.parametrize("error", [
+    RuntimeError("deliberate failure"),
+    # what a data-dependent guard raises, and a failure that is retried when torch raises it
+    GuardOnDataDependentSymNode(sympy.true, "deliberate failure"),
+], ids=["RuntimeError", "GuardOnDataDependentSymNode"])
+def test_a_failing_compile_is_not_retried_without_capture(monkeypatch, tables, error):
     # A captured graph whose compile fails (here: a pass under strict) fails; it is not hidden
     # by compiling the frame again uncaptured.
-    monkeypatch.setattr(diffopt.fxpasses, "PIPELINE", [RaisingPass, *diffopt.fxpasses.PIPELINE])
+    monkeypatch.setattr(diffopt.fxpasses, "PIPELINE", [raising_pass(error), *diffopt.fxpasses.PIPELINE])
     x, table = tables
     fn = torch.compile(timestep_step, backend="diffopt", options={"strict": True, "inductor": False})
     with pytest.raises(Exception, match="deliberate failure"):
