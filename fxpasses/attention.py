@@ -64,7 +64,7 @@ from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 from diffopt.kernels import attention as kernels
 from diffopt.compat import real_mode
 
-from .fx_utils import call_arguments, fake_value, insert_call, op_name, same_layout, storage_of
+from .fx_utils import call_arguments, elements_spanned, fake_value, insert_call, op_name, same_layout, storage_of
 
 aten = torch.ops.aten
 
@@ -262,7 +262,7 @@ def _real(nodes: list[fx.Node], generator: torch.Generator) -> dict[fx.Node, tor
                for node, fake in fakes.items()}
     elements: dict[Any, int] = {}  # storage -> elements its views reach
     for node, (shape, stride, offset) in layouts.items():
-        reach = offset + sum((size - 1) * step for size, step in zip(shape, stride)) + 1
+        reach = offset + elements_spanned(shape, stride)
         elements[storage_key[node]] = max(elements.get(storage_key[node], 0), reach)
     storages = {}
     for node, fake in fakes.items():

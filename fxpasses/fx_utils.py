@@ -49,6 +49,13 @@ def storage_of(value: torch.Tensor) -> Any:
         return None
 
 
+def elements_spanned(shape: Any, stride: Any) -> int:
+    """Elements of storage from a view's first element to its last, both included (0 if empty)."""
+    if any(size == 0 for size in shape):
+        return 0
+    return 1 + sum((size - 1) * step for size, step in zip(shape, stride))
+
+
 def constant_key(value: Any) -> Any:
     """A key two scalar constants share exactly when they are the same value of the same type, bit
     for bit: ``0.0 == -0.0``, yet ``1 / (x * 0.0)`` and ``1 / (x * -0.0)`` differ in sign. A NaN

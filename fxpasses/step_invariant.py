@@ -78,7 +78,7 @@ from torch.fx.experimental.symbolic_shapes import free_symbols
 from diffopt import compat
 from diffopt.graph_pass import RewriteLog
 
-from .fx_utils import erase_dead, fake_value, is_pure
+from .fx_utils import elements_spanned, erase_dead, fake_value, is_pure
 
 PREFIX = "_diffopt_folded_"
 
@@ -386,10 +386,7 @@ def _with_recorded_layout(value: torch.Tensor, fake: Any) -> torch.Tensor | None
 
 
 def _storage_bytes(value: torch.Tensor) -> int:
-    if value.numel() == 0:
-        return 0
-    span = 1 + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
-    return span * value.element_size()
+    return elements_spanned(value.shape, value.stride()) * value.element_size()
 
 
 # --- rewrite ----------------------------------------------------------------------------
