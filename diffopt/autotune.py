@@ -7,9 +7,9 @@ values, the stock call and each candidate as functions of no arguments. As Induc
 chooses among its kernels:
 
 1. The key is looked up in the cache; a hit is the choice, nothing runs.
-2. On a miss, the stock call runs once, then each candidate: one that raises (fails to build or to
-   run, or runs out of memory) or whose result differs from the stock call's by more than the
-   dtype's rounding is out, with the reason. Where the device has no room for the measurement's
+2. On a miss, with the call's device current (:func:`on_device`), the stock call runs once, then
+   each candidate: one that raises (fails to build or to run, or runs out of memory) or whose
+   result differs from the stock call's by more than the dtype's rounding is out, with the reason. Where the device has no room for the measurement's
    tensors, or the stock call itself fails, nothing is chosen (and nothing cached).
 3. The stock call and the remaining candidates are timed (default: :func:`cuda_timer`, the median
    by ``triton.testing.do_bench``'s method with an L2-sized flush; tests inject a timer).
@@ -23,6 +23,7 @@ library measures again.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,7 +33,7 @@ import statistics
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 
@@ -133,27 +134,37 @@ def median_ms(
     return statistics.median(begin.elapsed_time(finish) for begin, finish in pairs)
 
 
+def on_device(device: torch.device) -> ContextManager:
+    """``device`` as the current CUDA device (nothing for other devices), for measuring a call on
+    it: :func:`cuda_timer` flushes, records its events and synchronizes on the current device, so a
+    call on cuda:1 timed with cuda:0 current would be timed by events that never see its kernels."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def select(
     key: Mapping[str, Any],
     build: Callable[[], tuple[Run, dict[str, Run]]],
     timer: Timer,
     what: str,
+    device: torch.device,
 ) -> Selection:
     """The measured choice for ``key`` (see the module docstring); ``build`` is called on a cache
-    miss only; ``what`` names the call in the log."""
+    miss only, and it and the measurement run with ``device`` (the call's) current; ``what``
+    names the call in the log."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     entry = _read().get(digest)
     if entry is not None:
         selection = Selection(entry["choice"], entry["times_ms"], entry["failures"], cached=True)
         log.debug("diffopt: %s: %s", what, selection.summary())
         return selection
-    try:
-        stock, candidates = build()
-    except torch.OutOfMemoryError as error:  # the device is too full to measure: the stock call stays
-        selection = Selection(None, {}, {STOCK: _error(error)})
-        log.info("diffopt: could not measure %s: %s", what, selection.summary())
-        return selection
-    selection = _measure(stock, candidates, timer)
+    with on_device(device):
+        try:
+            stock, candidates = build()
+        except torch.OutOfMemoryError as error:  # the device is too full to measure: the stock call stays
+            selection = Selection(None, {}, {STOCK: _error(error)})
+            log.info("diffopt: could not measure %s: %s", what, selection.summary())
+            return selection
+        selection = _measure(stock, candidates, timer)
     log.info("diffopt: measured %s: %s", what, selection.summary())
     if STOCK in selection.times_ms:  # a stock call that failed here (out of memory?) decides nothing for later
         _write(digest, {"key": key, "choice": selection.choice, "times_ms": selection.times_ms,

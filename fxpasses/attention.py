@@ -142,7 +142,7 @@ class Attention(GraphPass):
         if not candidates:
             return None, f"{shapes}: no candidate ({not_candidates})"
         if forced:
-            with real_mode():
+            with real_mode(), autotune.on_device(device):
                 _, failures = autotune.check(*_runs(call, candidates))
             if failures:
                 return None, f"{shapes}: forced {forced} did not run: {'; '.join(failures.values())}"
@@ -154,7 +154,7 @@ class Attention(GraphPass):
         digest = json.dumps(key, sort_keys=True, default=str)
         if digest not in decided:
             with real_mode():
-                selection = autotune.select(key, lambda: _runs(call, candidates), timer, f"attention {shapes}")
+                selection = autotune.select(key, lambda: _runs(call, candidates), timer, f"attention {shapes}", device)
             text = f"{shapes}: {selection.summary()}" + (f"; not candidates ({not_candidates})" if not_candidates else "")
             decided[digest] = (selection.choice, text)
         return decided[digest]

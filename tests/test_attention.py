@@ -9,6 +9,7 @@ and 2, and the pass under CUDA graphs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
 import functools
@@ -788,6 +789,73 @@ def test_cuda_timer_flushes_with_a_buffer_of_the_l2s_size(monkeypatch, l2_bytes,
     ((buffer, event),) = used
     assert buffer.numel() * buffer.element_size() == flush_bytes
     assert event == {"enable_timing": True}
+
+
+class FakeCurrentDevice:
+    """``torch.cuda.device`` on a machine without CUDA: a stack of current devices."""
+
+    def __init__(self, current):
+        self.stack = [current]
+
+    def __call__(self, device):
+        stack = self.stack
+
+        class Guard:
+            def __enter__(self):
+                stack.append(device)
+
+            def __exit__(self, *exc):
+                stack.pop()
+
+        return Guard()
+
+
+def test_a_call_is_measured_with_its_own_gpu_current(monkeypatch):
+    # a model on cuda:1 while cuda:0 is current: cuda_timer's events and synchronize, and kernels
+    # that launch on the current device's stream, must be cuda:1's
+    guard = FakeCurrentDevice(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device", guard)
+    seen = []
+
+    def run(name):
+        return lambda: seen.append((name, guard.stack[-1])) or torch.ones(3)
+
+    def timer(fn, name):
+        seen.append((f"timed {name}", guard.stack[-1]))
+        return {"stock": 2.0, "fast": 1.0}[name]
+
+    selection = autotune.select({"call": "on cuda:1"}, lambda: (run("stock"), {"fast": run("fast")}), timer,
+                                "attention", torch.device("cuda", 1))
+    assert selection.choice == "fast"
+    assert {name for name, _ in seen} == {"stock", "fast", "timed stock", "timed fast"}
+    assert all(device == torch.device("cuda", 1) for _, device in seen), seen
+    assert guard.stack == [torch.device("cuda", 0)]  # cuda:0 is current again
+
+
+def test_the_pass_measures_with_the_calls_device_current(monkeypatch):
+    entered, inside = [], []
+    on_device = autotune.on_device
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        with on_device(device):
+            inside.append(True)
+            yield
+            inside.pop()
+
+    monkeypatch.setattr(autotune, "on_device", recording)
+    check = autotune.check
+    monkeypatch.setattr(autotune, "check", lambda *runs: check(*runs) if inside else pytest.fail("checked outside"))
+
+    class Guarded(Timer):
+        def __call__(self, fn, name):
+            assert inside, f"{name} timed outside the device guard"
+            return super().__call__(fn, name)
+
+    assert run_choice(Guarded(stock=3.0, sdpa_efficient=1.0, sdpa_flash=2.0, sdpa_cudnn=2.5))[0] == "sdpa_efficient"
+    assert run_choice(Timer(), backend="sdpa_cudnn")[0] == "sdpa_cudnn"  # forced: checked, not timed
+    assert entered == [torch.device("cpu")] * 2
 
 
 def test_the_choice_is_cached_on_disk(tmp_path, monkeypatch):
