@@ -50,6 +50,11 @@ does not, or into one that computes something else. Three things keep it so:
   (``BackendCompilerFailed``: Inductor, or a diffopt pass under ``strict``, whose error is
   diffopt's ``PassFailed`` whatever the pass raised) is not. This needs
   ``torch.compile`` without ``fullgraph`` (with it, a graph break is an error).
+
+Where the user sets ``capture_scalar_outputs=True`` themselves, their frames are captured as they
+asked, and a failure is theirs as under Inductor, but for a graph diffopt refuses: Inductor
+would compile that one and compute something else, so its frame is compiled without capturing
+(a graph break at each read), with the same warning.
 """
 from __future__ import annotations
 
@@ -105,29 +110,40 @@ class ScalarCaptureUnsupported(RuntimeError):
 
 
 def compile_frame(code: Any, convert: Callable[[], Any]) -> Any:
-    """Convert one frame Dynamo compiles with diffopt: with captured scalars, or else as Inductor would."""
+    """Convert one frame Dynamo compiles with diffopt: with captured scalars, or else without.
+
+    Where capturing is diffopt's setting, a frame that fails with it is compiled with the user's
+    own config, as Inductor would compile it. Where it is the user's own setting, only a graph
+    diffopt refuses (:class:`ScalarCaptureUnsupported`: torch would compile it wrong) is compiled
+    without capturing, a graph break at each read; any other failure is the user's, as under
+    Inductor."""
     user_config = _user_config.get()
-    if user_config is None:  # capturing is the user's own setting (or off): nothing to undo
-        return convert()
+    retried: tuple[type[Exception], ...] = (
+        (ScalarCaptureUnsupported, GuardOnDataDependentSymNode) if user_config is not None else (ScalarCaptureUnsupported,)
+    )
     try:
         return convert()
     except compat.BackendCompilerFailed as error:
         cause = getattr(error, "inner_exception", None) or error.__cause__
-        if not isinstance(cause, (ScalarCaptureUnsupported, GuardOnDataDependentSymNode)):
+        if not isinstance(cause, retried):
             raise
         failure: Exception = cause
     except Exception as error:
+        if user_config is None:
+            raise
         failure = error
-    with torch._dynamo.config.patch(user_config):
-        converted = convert()  # what this raises, Inductor would have raised too: no warning then
+    fallback = user_config if user_config is not None else {key: False for key in DYNAMO_CONFIG}
+    with torch._dynamo.config.patch(fallback):
+        converted = convert()  # with the user's config, what this raises Inductor would have raised too
     log.warning(
-        "diffopt: %s (%s:%d) does not compile with captured scalars (%s: %s); compiled as Inductor does, with %s",
+        "diffopt: %s (%s:%d) does not compile with captured scalars (%s: %s); compiled %s, with %s",
         code.co_name,
         os.path.basename(code.co_filename),
         code.co_firstlineno,
         type(failure).__name__,
         (str(failure).strip().splitlines() or [""])[0],
-        ", ".join(f"{key}={value}" for key, value in user_config.items()),
+        "as Inductor does" if user_config is not None else "without them (your capture_scalar_outputs=True set aside)",
+        ", ".join(f"{key}={value}" for key, value in fallback.items()),
     )
     return converted
 

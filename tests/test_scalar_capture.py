@@ -191,6 +191,45 @@ def test_scalar_operands_torch_mishandles_compile_without_capture(inductor, name
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("name", [name for name in SCALED_SCALAR_FORMS if name != "lerp"])
+def test_under_the_users_own_capture_a_refused_graph_compiles_without_it(inductor, name, caplog):
+    # The user captures scalars themselves: Inductor compiles these graphs and drops the alpha
+    # (x.add(t.item(), alpha=3) at t=1000 is off by 2000); diffopt compiles the frame uncaptured
+    form = SCALED_SCALAR_FORMS[name]
+    x = torch.randn(6, generator=torch.Generator().manual_seed(10))
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        for value in (1000.0, -3.5):
+            torch.compiler.reset()
+            caplog.clear()
+            t = torch.tensor(value)
+            with caplog.at_level(logging.WARNING, logger="diffopt"):
+                got = torch.compile(form, backend="diffopt", options={"inductor": inductor})(x, t)
+            torch.testing.assert_close(got, form(x, t))
+            [warning] = [r.getMessage() for r in caplog.records if "does not compile with captured scalars" in r.getMessage()]
+            assert "ScalarCaptureUnsupported" in warning and "capture_scalar_outputs=True set aside" in warning
+        assert torch._dynamo.config.capture_scalar_outputs  # the user's setting is theirs again
+
+
+@torch.no_grad()
+def test_under_the_users_own_capture_other_graphs_stay_as_under_inductor():
+    # a graph that traces stays captured (no graph break); one that fails to compile captured
+    # fails as it does with Inductor, not retried uncaptured
+    x = torch.randn(6, generator=torch.Generator().manual_seed(11))
+    t = torch.tensor(0.25)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        torch.compiler.reset()
+        breaks = graph_breaks()
+        fine = lambda x, t: x * t.item() + 1  # noqa: E731
+        torch.testing.assert_close(torch.compile(fine, backend="diffopt")(x, t), fine(x, t))
+        assert graph_breaks() == breaks
+        lerp = SCALED_SCALAR_FORMS["lerp"]
+        for backend in ("inductor", "diffopt"):
+            torch.compiler.reset()
+            with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+                torch.compile(lerp, backend=backend)(x, t)
+
+
+@torch.no_grad()
 def test_scalar_operands_without_alpha_stay_captured(inductor, caplog):
     def forms(x, t):  # alpha 1, a tensor operand scaled by a captured alpha, a captured scalar times x
         return x.add(t.item(), alpha=1), x.add(x, alpha=t.item()), x * t.item() - t.item()
