@@ -9,8 +9,9 @@ chooses among its kernels:
 1. The key is looked up in the cache; a hit is the choice, nothing runs.
 2. On a miss, with the call's device current (:func:`on_device`), the stock call runs once, then
    each candidate: one that raises (fails to build or to run, or runs out of memory) or whose
-   result differs from the stock call's by more than the dtype's rounding is out, with the reason. Where the device has no room for the measurement's
-   tensors, or the stock call itself fails, nothing is chosen (and nothing cached).
+   result differs from the stock call's by more than the dtype's rounding is out, with the reason.
+   Where the device has no room for the measurement's tensors, or the stock call itself fails,
+   nothing is chosen (and nothing cached).
 3. The stock call and the remaining candidates are timed (default: :func:`cuda_timer`, the median
    by ``triton.testing.do_bench``'s method with an L2-sized flush; tests inject a timer).
 4. The fastest candidate is chosen if it beats the stock call by more than :data:`MIN_GAIN`;
