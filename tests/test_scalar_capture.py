@@ -211,6 +211,21 @@ def test_under_the_users_own_capture_a_refused_graph_compiles_without_it(inducto
 
 
 @torch.no_grad()
+def test_under_the_users_own_capture_a_computed_rounding_compiles_without_it(tables, caplog):
+    # int(t.item() * 100) has no exact tensor form: refused, so compiled uncaptured (Inductor, captured,
+    # prints TruncToInt into its code and fails at the first call)
+    x, table = tables
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), caplog.at_level(logging.WARNING, logger="diffopt"):
+        torch.compiler.reset()
+        fn = torch.compile(scaled_form, backend="diffopt")
+        for value in (999.7, -3.7):
+            t = torch.tensor([value])
+            torch.testing.assert_close(fn(x, t, table), scaled_form(x, t, table), rtol=0, atol=0)
+    [warning] = [r.getMessage() for r in caplog.records if "scaled_form" in r.getMessage()]
+    assert "capture_scalar_outputs=True set aside" in warning
+
+
+@torch.no_grad()
 def test_under_the_users_own_capture_other_graphs_stay_as_under_inductor():
     # a graph that traces stays captured (no graph break); one that fails to compile captured
     # fails as it does with Inductor, not retried uncaptured
