@@ -29,6 +29,11 @@ Preconditions (all proven on the graph's fake tensors, else no rewrite):
   reads memory order (``as_strided``), or
   non-ATen call is reached through a changed layout (those need the memory as
   it was).
+- Aliasing: no view of the copy, at any layout, reaches a graph output, a
+  mutating op, ``as_strided`` or a non-ATen call. Without the copy its views
+  are the source's memory: returned, one would alias an input or another
+  output (and show an input's later in-place update, ``x.t().contiguous().t()``
+  then ``x.add_(1)``); written, it would write the source.
 - Alignment: the strided tensor starts 16-byte aligned within its storage, so
   kernels keep their aligned fast paths. For a packed qkv this means q, k and v
   start on whole heads.
@@ -43,7 +48,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from diffopt.graph_pass import GraphPass, RewriteLog, Stage
 
-from .fx_utils import consumers_accept, fake_value, is_contiguous_copy
+from .fx_utils import consumers_accept, fake_value, is_contiguous_copy, views_of
 
 aten = torch.ops.aten
 
@@ -62,6 +67,8 @@ class SplitContiguous(GraphPass):
             source = copy.args[0]
             source_val = fake_value(source)
             if not isinstance(source_val, torch.Tensor) or not _aligned(source_val):
+                continue
+            if views_of(copy) is None:  # a view of the copy escapes or is written: it needs memory of its own
                 continue
             updates: dict[fx.Node, object] = {}
             if not consumers_accept(copy, source_val, updates, _MAX_DEPTH):
