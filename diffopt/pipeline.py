@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.fx as fx
 
-from . import compat
+from . import compat, scalar_capture
 from .fxpasses.fx_utils import check_links, eliminate_dead_code, fake_value, has_collectives, topological_sort
 from .graph_pass import GraphPass, RewriteLog, Stage
 from .options import Options
@@ -218,6 +218,7 @@ class PostGradPasses(compat.CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         self.ran = True
         self.pipeline.run(Stage.POST_GRAD, graph, self.graph_name)
+        scalar_capture.fix_layouts_under_unbacked_views(graph)
 
     def uuid(self) -> str:
         return self.pipeline.fingerprint()

@@ -13,7 +13,7 @@ the wrapper (by name, callable or ``functools.partial``) is diffopt's. Should to
 such lookup, the config is set process-wide instead.
 
 Capturing must never turn a program that compiles with ``backend="inductor"`` into one that
-does not, or into one that computes something else. Three things keep it so:
+does not, or into one that computes something else. Four things keep it so:
 
 - Integer reads. ``int(t.item())`` (``math.trunc``, ``math.floor``, ``math.ceil``, ``round``)
   of a floating-point ``t`` is, captured, a symbol ``TruncToInt(zuf0)`` of a float symbol, and
@@ -37,6 +37,12 @@ does not, or into one that computes something else. Three things keep it so:
   Inductor. No exact rewrite keeps it captured: ``x + s * alpha`` rounds ``s * alpha`` once where
   the kernel rounds ``alpha`` and ``s`` apart. (A float argument that torch makes dynamic, on a
   later call with another value, loses its alpha the same way with plain Inductor.)
+- Views at captured offsets. ``(x * 2)[t]``, ``y[t:t + 2]``, ``y.narrow(0, t, n)`` of a computed
+  tensor, ``t`` captured: Inductor lowers the view from the strides its input has while still
+  being laid out, then may lay the input out in another order (a transposed input's), so the
+  view reads other elements (torch 2.13 and before, silently). :func:`fix_layouts_under_unbacked_views`
+  fixes such an input's layout to its eager strides first, in the post-grad graph Inductor
+  lowers; with symbolic strides it refuses the graph, which is compiled again without capture.
 - Frames that do not trace. Captured, ``prefix_len = int(mask.sum())`` is an unbacked symbol,
   and ``ids[:prefix_len].tolist()`` cannot be traced (``GuardOnDataDependentSymNode``: the
   list's length depends on data); uncaptured, the read breaks the graph and the rest traces
@@ -71,7 +77,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
 from . import compat
-from .fxpasses.fx_utils import fake_value
+from .fxpasses.fx_utils import fake_value, is_view
 from .graph_pass import source_line
 
 log = logging.getLogger("diffopt")
@@ -181,6 +187,45 @@ def _takes_alpha(node: fx.Node) -> bool:
         )
     except TypeError:  # an unhashable target
         return False
+
+
+# --- views at captured offsets -------------------------------------------------------------------
+
+
+def fix_layouts_under_unbacked_views(graph: fx.Graph) -> int:
+    """Give every computed tensor that a view at a captured offset reads (``table[t]``, ``x[t:t + 2]``,
+    ``x.narrow(0, t, n)`` with ``t`` from ``.item()``) its eager strides as a fixed layout, in the
+    post-grad graph Inductor lowers; the number of tensors fixed.
+
+    Inductor lowers such a view from the strides its input has while it is still being laid out, and
+    may then lay the input out in another order (in the order of a transposed input it is computed
+    from), so the view reads other elements than eager's (torch 2.13 and before; on CPU, ``(x * 2)[t]``
+    of a transposed ``x`` was off by the values' own magnitude). ``prims.inductor_force_stride_order``
+    with the eager strides fixes the layout first; it lowers to the tensor itself, laid out so. A tensor
+    whose strides are symbolic cannot be fixed this way: the graph is refused
+    (:class:`ScalarCaptureUnsupported`), and its frame is compiled without capture.
+    """
+    fixed: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):
+        if not is_view(node) or not free_unbacked_symbols(fx.node.map_arg((node.args[1:], node.kwargs), fake_value)):
+            continue
+        below, base = node, node.args[0]
+        while isinstance(base, fx.Node) and is_view(base):
+            below, base = base, base.args[0]
+        if not isinstance(base, fx.Node) or base.op != "call_function" or base.target is compat.force_stride_order():
+            continue  # a graph input or constant: its layout is fixed already
+        if base not in fixed:
+            strides = tuple(fake_value(base).stride())
+            if not all(isinstance(stride, int) for stride in strides):
+                raise ScalarCaptureUnsupported(
+                    f"{source_line(node) or node.name}: a view at an offset computed from captured .item() reads, "
+                    f"of a tensor with symbolic strides {strides}, which Inductor may lay out otherwise"
+                )
+            with graph.inserting_after(base):
+                fixed[base] = graph.call_function(compat.force_stride_order(), (base, strides))
+            fixed[base].meta.update({key: base.meta[key] for key in ("val", "stack_trace") if key in base.meta})
+        below.replace_input_with(base, fixed[base])
+    return len(fixed)
 
 
 # --- integer reads ------------------------------------------------------------------------------

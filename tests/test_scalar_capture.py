@@ -10,6 +10,8 @@ import math
 import pytest
 import sympy
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 import diffopt
@@ -17,7 +19,7 @@ import diffopt.backend
 import diffopt.fxpasses
 from diffopt import scalar_capture
 from diffopt.graph_pass import GraphPass, Stage
-from diffopt.testing import Compiled
+from diffopt.testing import Compiled, no_caches
 from test_hoist_item import cfg_step  # three reads of one timestep element through different views
 
 READ = "aten::_local_scalar_dense"
@@ -258,6 +260,70 @@ def test_scalar_operands_without_alpha_stay_captured(inductor, caplog):
             torch.testing.assert_close(fn(x, t), forms(x, t), rtol=0, atol=0)
     assert not [r for r in caplog.records if "captured scalars" in r.getMessage()]
     assert graph_breaks() == breaks
+
+
+# --- views at captured offsets --------------------------------------------------------------------
+
+VIEWS_AT_CAPTURED_OFFSETS = {
+    "select": lambda ts, table: (table * 2)[ts.item()] + table[ts.item()],
+    "slice": lambda ts, table: (table * 2)[ts.item():ts.item() + 2] + 1,
+    "narrow": lambda ts, table: (table * 2).narrow(0, ts.item(), 3) + 1,
+    "after a reduction": lambda ts, table: (table + table.sum(0))[ts.item()] * 3,
+}
+
+
+def counting_fixes(monkeypatch):
+    fixes = []
+    fix = scalar_capture.fix_layouts_under_unbacked_views
+    monkeypatch.setattr(scalar_capture, "fix_layouts_under_unbacked_views", lambda graph: fixes.append(fix(graph)) or fixes[-1])
+    return fixes
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", VIEWS_AT_CAPTURED_OFFSETS)
+@settings(max_examples=4, deadline=None)
+@given(rows=st.integers(5, 11), cols=st.integers(2, 9), index=st.integers(0, 2), transposed=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_a_view_at_a_captured_offset_reads_what_eager_reads(name, rows, cols, index, transposed, seed):
+    # Inductor lowers the view from its input's provisional strides, then lays the input out in the
+    # transposed table's order: unfixed, (table * 2)[t] read other elements (off by their magnitude)
+    form = VIEWS_AT_CAPTURED_OFFSETS[name]
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(cols, rows, generator=g).t() if transposed else torch.randn(rows, cols, generator=g)
+    ts = torch.tensor(index)
+    with pytest.MonkeyPatch.context() as patch, no_caches():  # a cached graph skips the passes
+        fixes = counting_fixes(patch)
+        torch.compiler.reset()
+        breaks = graph_breaks()
+        got = torch.compile(form, backend="diffopt")(ts, table)
+    torch.testing.assert_close(got, form(ts, table))
+    assert graph_breaks() == breaks  # still captured
+    # one computed table fixed; of a contiguous table, hoist_item may have made table[t] a gather
+    assert fixes == [1] if transposed else len(fixes) == 1 and fixes[0] <= 1
+
+
+@torch.no_grad()
+def test_a_view_at_a_captured_offset_of_an_input_needs_no_fix(monkeypatch):
+    table, ts = torch.randn(9, 5).t(), torch.tensor(2)
+    fixes = counting_fixes(monkeypatch)
+    torch.compiler.reset()
+    with no_caches():
+        torch.testing.assert_close(torch.compile(lambda ts, t: t[ts.item()] * 2, backend="diffopt")(ts, table), table[2] * 2)
+    assert fixes == [0]  # a graph input's layout is fixed already
+
+
+@torch.no_grad()
+def test_a_view_at_a_captured_offset_of_symbolic_strides_compiles_without_capture(caplog):
+    form = VIEWS_AT_CAPTURED_OFFSETS["select"]
+    torch.compiler.reset()
+    fn = torch.compile(form, backend="diffopt")
+    with caplog.at_level(logging.WARNING, logger="diffopt"):
+        for rows in (9, 10):
+            table = torch.randn(5, rows, generator=torch.Generator().manual_seed(rows)).t()
+            torch._dynamo.mark_dynamic(table, 0)
+            torch.testing.assert_close(fn(torch.tensor(3), table), form(torch.tensor(3), table))
+    [warning] = {r.getMessage() for r in caplog.records if "does not compile with captured scalars" in r.getMessage()}
+    assert "ScalarCaptureUnsupported" in warning and "symbolic strides" in warning
 
 
 # --- frames that do not trace with captured scalars ---------------------------------------------
