@@ -173,13 +173,11 @@ SCALED_SCALAR_FORMS = {
 }
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("name", SCALED_SCALAR_FORMS)
-def test_scalar_operands_torch_mishandles_compile_without_capture(inductor, name, caplog):
-    # Each value compiled afresh: on a later call torch makes the float argument dynamic, and then
-    # plain Inductor drops the alpha too (torch's bug, see scalar_capture)
-    form = SCALED_SCALAR_FORMS[name]
-    x = torch.randn(6, generator=torch.Generator().manual_seed(8))
+def compiled_afresh_at_each_value(form, x, inductor, caplog):
+    """The warning compiling ``form`` with diffopt gave, per value of ``t``, after checking its output
+    against eager's. Each value compiled afresh: on a later call torch makes the float argument
+    dynamic, and then plain Inductor drops the alpha too (torch's bug, see scalar_capture)."""
+    warnings = []
     for value in (1000.0, -3.5):
         torch.compiler.reset()
         caplog.clear()
@@ -188,7 +186,16 @@ def test_scalar_operands_torch_mishandles_compile_without_capture(inductor, name
             got = torch.compile(form, backend="diffopt", options={"inductor": inductor})(x, t)
         torch.testing.assert_close(got, form(x, t))  # Inductor rounds lerp and rsub its own way
         [warning] = [r.getMessage() for r in caplog.records if "does not compile with captured scalars" in r.getMessage()]
-        cause = "GuardOnDataDependentSymNode" if name == "lerp" else "ScalarCaptureUnsupported"
+        warnings.append(warning)
+    return warnings
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", SCALED_SCALAR_FORMS)
+def test_scalar_operands_torch_mishandles_compile_without_capture(inductor, name, caplog):
+    x = torch.randn(6, generator=torch.Generator().manual_seed(8))
+    cause = "GuardOnDataDependentSymNode" if name == "lerp" else "ScalarCaptureUnsupported"
+    for warning in compiled_afresh_at_each_value(SCALED_SCALAR_FORMS[name], x, inductor, caplog):
         assert cause in warning and "capture_scalar_outputs=False" in warning
 
 
@@ -197,17 +204,9 @@ def test_scalar_operands_torch_mishandles_compile_without_capture(inductor, name
 def test_under_the_users_own_capture_a_refused_graph_compiles_without_it(inductor, name, caplog):
     # The user captures scalars themselves: Inductor compiles these graphs and drops the alpha
     # (x.add(t.item(), alpha=3) at t=1000 is off by 2000); diffopt compiles the frame uncaptured
-    form = SCALED_SCALAR_FORMS[name]
     x = torch.randn(6, generator=torch.Generator().manual_seed(10))
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        for value in (1000.0, -3.5):
-            torch.compiler.reset()
-            caplog.clear()
-            t = torch.tensor(value)
-            with caplog.at_level(logging.WARNING, logger="diffopt"):
-                got = torch.compile(form, backend="diffopt", options={"inductor": inductor})(x, t)
-            torch.testing.assert_close(got, form(x, t))
-            [warning] = [r.getMessage() for r in caplog.records if "does not compile with captured scalars" in r.getMessage()]
+        for warning in compiled_afresh_at_each_value(SCALED_SCALAR_FORMS[name], x, inductor, caplog):
             assert "ScalarCaptureUnsupported" in warning and "capture_scalar_outputs=True set aside" in warning
         assert torch._dynamo.config.capture_scalar_outputs  # the user's setting is theirs again
 
