@@ -40,7 +40,7 @@ does not, or into one that computes something else. Four things keep it so:
 - Views at captured offsets. ``(x * 2)[t]``, ``y[t:t + 2]``, ``y.narrow(0, t, n)`` of a computed
   tensor, ``t`` captured: Inductor lowers the view from the strides its input has while still
   being laid out, then may lay the input out in another order (a transposed input's), so the
-  view reads other elements (torch 2.13 and before, silently). :func:`fix_layouts_under_unbacked_views`
+  view reads other elements, silently (found with torch 2.13 on CPU). :func:`fix_layouts_under_unbacked_views`
   fixes such an input's layout to its eager strides first, in the post-grad graph Inductor
   lowers; with symbolic strides it refuses the graph, which is compiled again without capture.
 - Frames that do not trace. Captured, ``prefix_len = int(mask.sum())`` is an unbacked symbol,
@@ -199,8 +199,9 @@ def fix_layouts_under_unbacked_views(graph: fx.Graph) -> int:
 
     Inductor lowers such a view from the strides its input has while it is still being laid out, and
     may then lay the input out in another order (in the order of a transposed input it is computed
-    from), so the view reads other elements than eager's (torch 2.13 and before; on CPU, ``(x * 2)[t]``
-    of a transposed ``x`` was off by the values' own magnitude). ``prims.inductor_force_stride_order``
+    from), so the view reads other elements than eager's (found with torch 2.13 on CPU, where
+    ``(x * 2)[t]`` of a transposed ``x`` was off by the values' own magnitude; the GPU's lowering of
+    views is the same code). ``prims.inductor_force_stride_order``
     with the eager strides fixes the layout first; it lowers to the tensor itself, laid out so. A tensor
     whose strides are symbolic cannot be fixed this way: the graph is refused
     (:class:`ScalarCaptureUnsupported`), and its frame is compiled without capture.
