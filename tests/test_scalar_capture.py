@@ -301,6 +301,19 @@ def test_a_view_at_a_captured_offset_reads_what_eager_reads(name, rows, cols, in
     assert fixes == [1] if transposed else len(fixes) == 1 and fixes[0] <= 1
 
 
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("name", VIEWS_AT_CAPTURED_OFFSETS)
+def test_a_view_at_a_captured_offset_reads_what_eager_reads_on_cuda(name):
+    form = VIEWS_AT_CAPTURED_OFFSETS[name]
+    table = torch.randn(6, 10, device="cuda", generator=torch.Generator("cuda").manual_seed(5)).t()
+    ts = torch.tensor(2, device="cuda")
+    with no_caches():
+        torch.compiler.reset()
+        got = torch.compile(form, backend="diffopt")(ts, table)
+    torch.testing.assert_close(got, form(ts, table))
+
+
 @torch.no_grad()
 def test_a_view_at_a_captured_offset_of_an_input_needs_no_fix(monkeypatch):
     table, ts = torch.randn(9, 5).t(), torch.tensor(2)
