@@ -77,7 +77,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
 from . import compat
-from .fxpasses.fx_utils import fake_value, is_view
+from .fxpasses.fx_utils import fake_value, is_view, unbacked_symbols
 from .graph_pass import source_line
 
 log = logging.getLogger("diffopt")
@@ -208,7 +208,7 @@ def fix_layouts_under_unbacked_views(graph: fx.Graph) -> int:
     """
     fixed: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):
-        if not is_view(node) or not free_unbacked_symbols(fx.node.map_arg((node.args[1:], node.kwargs), fake_value)):
+        if not is_view(node) or not unbacked_symbols(fx.node.map_arg((node.args[1:], node.kwargs), fake_value)):
             continue
         below, base = node, node.args[0]
         while isinstance(base, fx.Node) and is_view(base):
