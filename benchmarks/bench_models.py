@@ -318,7 +318,10 @@ def plot(results: Sequence[dict], meta: dict, path: Path) -> Path | None:
         memory_axis.barh(labels, [peak or 0 for peak in peaks], color=colors)
         for axis, values in ((time_axis, medians), (memory_axis, peaks)):
             for y, (row, value, cuda_graphs) in enumerate(zip(rows, values, graphed)):
-                text = "failed" if row.get("median_ms") is None else ("-" if value is None else f"{value:.3g}")
+                if row.get("median_ms") is None:
+                    text = "failed"
+                else:  # 1050, not 1.05e+03
+                    text = "-" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.3g}"
                 if axis is memory_axis and cuda_graphs and row.get("median_ms") is not None:
                     text += " held (CUDA graphs' pool)" if value is not None else " (CUDA graphs: pool not measured)"
                 axis.text(value or 0, y, " " + text, va="center", fontsize=7)
