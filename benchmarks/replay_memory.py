@@ -1,7 +1,7 @@
 """Where a compiled graph's peak memory is: replay the allocations of Inductor's generated code.
 
     TORCH_LOGS=output_code python my_script.py 2> code.log
-    python benchmarks/replay_memory.py code.log [--top 20] [--extern-itemsize 2]
+    python benchmarks/replay_memory.py code.log [--top 20] [--extern-itemsize 2] [--symbol s77=1560]
 
 For each compiled graph in the file (a ``TORCH_LOGS=output_code`` log, or a generated module from
 Inductor's cache folder), this walks the ``call`` function line by line and prints its peak: the
@@ -22,7 +22,9 @@ the first). The replay reads what the generated code does:
 - the graph's arguments belong to the caller and are never freed;
 - ``bufN = torch.ops.<op>(...)`` (an op that returns a new tensor: attention, custom ops) is sized
   from the ``assert_size_stride`` that follows it, at ``--extern-itemsize`` bytes per element
-  (the code does not say its dtype); such buffers are listed, and an op's workspace is not seen.
+  (the code does not say its dtype); such buffers are listed, and an op's workspace is not seen;
+- dynamic sizes (``(s77, 23)``) need their symbols' values (``--symbol``): the generated code reads
+  them from the inputs (``s77 = arg0_1``) and does not say them.
 
 On one H200 the peak it printed for Cosmos3 (both backends) equalled
 ``torch.cuda.max_memory_allocated`` above the inputs to the byte (docs/benchmarks.md).
@@ -31,8 +33,10 @@ On one H200 the peak it printed for Cosmos3 (both backends) equalled
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import gzip
+import operator
 import re
 import sys
 from pathlib import Path
@@ -41,11 +45,10 @@ ITEMSIZE = {"torch.float64": 8, "torch.int64": 8, "torch.float32": 4, "torch.int
             "torch.float16": 2, "torch.int16": 2, "torch.uint8": 1, "torch.int8": 1, "torch.bool": 1,
             "torch.float8_e4m3fn": 1, "torch.float8_e5m2": 1}
 LOG_PREFIX = re.compile(r"^.*\[__output_code\] ?")
-TUPLE = r"\(([^()]*)\)"
-ALLOCATE = re.compile(rf"(buf\w+) = empty_strided_\w+\({TUPLE}, {TUPLE}, (torch\.\w+)\)")
+ALLOCATE = re.compile(r"(buf\w+) = empty_strided_\w+\((.*)\)$")
 ALIAS = re.compile(r"(buf\w+) = (?:reinterpret_tensor\()?(buf\w+)\b")
 NEW_FROM_OP = re.compile(r"(buf\w+) = (torch\.ops\.[\w.]+)\(")
-SIZE_ASSERT = re.compile(rf"assert_size_stride\((buf\w+), {TUPLE}, {TUPLE}")
+SIZE_ASSERT = re.compile(r"assert_size_stride\((buf\w+), (.*)\)$")
 DELETE = re.compile(r"\bdel ([\w, ]+)")
 
 
@@ -78,8 +81,48 @@ def call_bodies(text: str) -> list[list[str]]:
     return bodies
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+def _top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside any parentheses."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += (char == "(") - (char == ")")
+        if char == "," and depth == 0:
+            parts.append(text[start:index].strip())
+            start = index + 1
+    parts.append(text[start:].strip())
+    return [part for part in parts if part]
+
+
+def _value(node: ast.AST, symbols: dict[str, int]) -> int:
+    """An integer size expression as Inductor prints them (``(-1) + 2*s77``, ``s0//2``, ``max(1, s0)``)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id not in symbols:
+            raise SymbolicSize(node.id)
+        return symbols[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_value(node.operand, symbols)
+    if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
+        return ARITHMETIC[type(node.op)](_value(node.left, symbols), _value(node.right, symbols))
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("max", "min"):
+        return (max if node.func.id == "max" else min)(_value(arg, symbols) for arg in node.args)
+    raise ValueError(f"not a size expression: {ast.unparse(node)}")
+
+
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+class SymbolicSize(KeyError):
+    """A size depends on a symbol whose value was not given."""
+
+
+def _ints(text: str, symbols: dict[str, int]) -> tuple[int, ...]:
+    """The integers of a printed tuple, ``(s77, 23)``."""
+    inner = text.strip()
+    if inner.startswith("(") and inner.endswith(")"):
+        inner = inner[1:-1]
+    return tuple(_value(ast.parse(part, mode="eval").body, symbols) for part in _top_level(inner))
 
 
 def storage_bytes(size: tuple[int, ...], stride: tuple[int, ...], itemsize: int) -> int:
@@ -89,7 +132,10 @@ def storage_bytes(size: tuple[int, ...], stride: tuple[int, ...], itemsize: int)
     return (sum((extent - 1) * step for extent, step in zip(size, stride)) + 1) * itemsize
 
 
-def replay(body: list[str], extern_itemsize: int = 2) -> Replay:
+def replay(body: list[str], extern_itemsize: int = 2, symbols: dict[str, int] | None = None) -> Replay:
+    """Live bytes after each line of ``body``; ``symbols``: the values of the graph's size
+    symbols (``s77``), where its sizes are dynamic."""
+    symbols = symbols or {}
     storage_of: dict[str, int] = {}  # name -> storage id
     nbytes: dict[int, int] = {}
     unsized: dict[int, tuple[str, str]] = {}  # storages from ops, until an assert sizes them
@@ -104,9 +150,11 @@ def replay(body: list[str], extern_itemsize: int = 2) -> Replay:
         return nbytes[storage]
 
     for line_number, line in enumerate(body):
-        if match := ALLOCATE.match(line):
+        code = line.split("  #")[0]
+        if match := ALLOCATE.match(code):
+            size, stride, dtype = _top_level(match[2])[:3]
             storage = len(nbytes)
-            nbytes[storage] = storage_bytes(_ints(match[2]), _ints(match[3]), ITEMSIZE[match[4]])
+            nbytes[storage] = storage_bytes(_ints(size, symbols), _ints(stride, symbols), ITEMSIZE[dtype])
             storage_of[match[1]] = storage
             live_bytes += nbytes[storage]
         elif match := NEW_FROM_OP.match(line):
@@ -117,10 +165,11 @@ def replay(body: list[str], extern_itemsize: int = 2) -> Replay:
         elif match := ALIAS.match(line):
             if match[2] in storage_of:
                 storage_of[match[1]] = storage_of[match[2]]
-        elif match := SIZE_ASSERT.match(line):
+        elif match := SIZE_ASSERT.match(code):
             storage = storage_of.get(match[1])
             if storage in unsized:
-                nbytes[storage] = storage_bytes(_ints(match[2]), _ints(match[3]), extern_itemsize)
+                size, stride = _top_level(match[2])[:2]
+                nbytes[storage] = storage_bytes(_ints(size, symbols), _ints(stride, symbols), extern_itemsize)
                 live_bytes += nbytes[storage]
                 sized_from_asserts.append(unsized.pop(storage))
         if line.startswith("del ") or "; del " in line:
@@ -146,14 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20, help="buffers listed at each peak")
     parser.add_argument("--extern-itemsize", type=int, default=2,
                         help="bytes per element of tensors that ops return (their dtype is not in the code)")
+    parser.add_argument("--symbol", action="append", default=[], metavar="NAME=VALUE",
+                        help="a dynamic size's value, e.g. s77=1560 (the code's `s77 = arg0_1` says which input)")
     args = parser.parse_args(argv)
+    symbols = {name: int(value) for name, value in (item.split("=") for item in args.symbol)}
     path = Path(args.path)
     bodies = call_bodies(gzip.open(path, "rt").read() if path.suffix == ".gz" else path.read_text())
     if not bodies:
         print(f"{args.path}: no generated call() found", file=sys.stderr)
         return 1
     for index, body in enumerate(bodies):
-        result = replay(body, args.extern_itemsize)
+        try:
+            result = replay(body, args.extern_itemsize, symbols)
+        except SymbolicSize as missing:
+            print(f"graph {index}: a size depends on {missing.args[0]}: give --symbol {missing.args[0]}=VALUE")
+            continue
         print(f"graph {index}: peak {result.peak / 1e6:.3f} MB after line {result.peak_line} of call(): "
               f"{result.body[result.peak_line][:120]}")
         for size, names in result.peak_alive[:args.top]:

@@ -3,6 +3,7 @@ code really makes when it runs (CPU: every ``empty_strided_cpu`` the module call
 uncounted when its storage dies), on random programs compiled by Inductor and by diffopt."""
 import gzip
 import importlib.util
+import re
 import sys
 import weakref
 from pathlib import Path
@@ -92,10 +93,12 @@ def programs(draw):
 
 @pytest.mark.parametrize("backend", ["inductor", "diffopt"])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(program=programs())
-def test_the_replay_finds_the_peak_the_code_really_reaches(backend, program):
+@given(program=programs(), dynamic_rows=st.booleans())
+def test_the_replay_finds_the_peak_the_code_really_reaches(backend, program, dynamic_rows):
     steps, x, weights = program
     torch._dynamo.reset()
+    if dynamic_rows:
+        torch._dynamo.mark_dynamic(x, 0)
     compiled = torch.compile(_program(steps, x.shape[1], weights), backend=backend)
     with mock.patch.object(torch._C._dynamo.guards, "_empty_strided_cpu", COUNTER.empty_strided):
         _, codes = run_and_get_code(compiled, x, *weights)  # compiles: the module binds the counter
@@ -103,7 +106,12 @@ def test_the_replay_finds_the_peak_the_code_really_reaches(backend, program):
         outputs = compiled(x, *weights)
     bodies = [body for code in codes for body in replay_memory.call_bodies(code)]
     assert len(bodies) == 1, codes
-    result = replay_memory.replay(bodies[0])
+    symbols = {line.split(" = ")[0]: x.shape[0] for line in bodies[0] if re.fullmatch(r"s\d+ = arg\d+_1", line)}
+    assert bool(symbols) == dynamic_rows  # the rows' size symbol is the only one
+    if dynamic_rows:
+        with pytest.raises(replay_memory.SymbolicSize):
+            replay_memory.replay(bodies[0])
+    result = replay_memory.replay(bodies[0], symbols=symbols)
     assert COUNTER.peak > 0
     assert result.peak == COUNTER.peak, "\n".join(bodies[0])
     assert result.live[-1] == COUNTER.live  # what the outputs hold
@@ -154,5 +162,25 @@ def test_the_command_prints_each_graphs_peak(tmp_path, capsys):
         gzipped.write(codes[0])
     assert replay_memory.main([str(tmp_path / "code.log.gz"), "--top", "3"]) == 0
     assert capsys.readouterr().out == printed
+    x = torch.randn(31, 13)
+    torch._dynamo.mark_dynamic(x, 0)
+    _, dynamic_codes = run_and_get_code(torch.compile(forward, dynamic=None), x, torch.randn(13, 17))
+    (tmp_path / "dynamic.py").write_text(dynamic_codes[0])
+    symbol = re.search(r"\b(s\d+) = arg\d+_1", dynamic_codes[0])[1]
+    assert replay_memory.main([str(tmp_path / "dynamic.py")]) == 0
+    assert f"depends on {symbol}: give --symbol {symbol}=VALUE" in capsys.readouterr().out
+    assert replay_memory.main([str(tmp_path / "dynamic.py"), "--symbol", f"{symbol}=31"]) == 0
+    assert capsys.readouterr().out.startswith("graph 0: peak ")
     (tmp_path / "empty.log").write_text("nothing compiled here\n")
     assert replay_memory.main([str(tmp_path / "empty.log")]) == 1
+
+
+@given(symbol=st.integers(1, 10_000), width=st.integers(1, 512))
+def test_printed_size_expressions_evaluate_as_python_would(symbol, width):
+    printed = f"((-1) + 2*s77, {width}, s77//3 + (s77 - 1)*s77, max(1, {width} - s77))"
+    assert replay_memory._ints(printed, {"s77": symbol}) == (
+        2 * symbol - 1, width, symbol // 3 + (symbol - 1) * symbol, max(1, width - symbol))
+    with pytest.raises(replay_memory.SymbolicSize):
+        replay_memory._ints(printed, {})
+    with pytest.raises(ValueError):
+        replay_memory._ints("(s77 ** 2, 1)", {"s77": symbol})
