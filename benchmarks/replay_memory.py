@@ -93,6 +93,13 @@ def _top_level(text: str) -> list[str]:
     return [part for part in parts if part]
 
 
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+class SymbolicSize(KeyError):
+    """A size depends on a symbol whose value was not given."""
+
+
 def _value(node: ast.AST, symbols: dict[str, int]) -> int:
     """An integer size expression as Inductor prints them (``(-1) + 2*s77``, ``s0//2``, ``max(1, s0)``)."""
     if isinstance(node, ast.Constant) and isinstance(node.value, int):
@@ -108,13 +115,6 @@ def _value(node: ast.AST, symbols: dict[str, int]) -> int:
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("max", "min"):
         return (max if node.func.id == "max" else min)(_value(arg, symbols) for arg in node.args)
     raise ValueError(f"not a size expression: {ast.unparse(node)}")
-
-
-ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
-
-
-class SymbolicSize(KeyError):
-    """A size depends on a symbol whose value was not given."""
 
 
 def _ints(text: str, symbols: dict[str, int]) -> tuple[int, ...]:
