@@ -336,6 +336,8 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int], norm_of: dict[fx.Node
     out_val = fake_value(norm.out)
     users = list(norm.out.users)
     joint = _joint_cat(norm, norm_of)
+    if isinstance(joint, str):
+        return joint
     if joint is not None:
         return _match_joint(norm, joint, norm_of, position)
     sliced = _match_token_slice(norm, position)
@@ -379,9 +381,10 @@ def _match_site(norm: _Norm, position: dict[fx.Node, int], norm_of: dict[fx.Node
     return kept
 
 
-def _joint_cat(norm: _Norm, norm_of: dict[fx.Node, _Norm]) -> fx.Node | None:
+def _joint_cat(norm: _Norm, norm_of: dict[fx.Node, _Norm]) -> fx.Node | str | None:
     """The ``cat`` along a token dim that is the only user of ``norm`` and of the other norms it joins
-    (joint attention: cat([text, image], seq) of normed heads), if there is one."""
+    (joint attention: cat([text, image], seq) of normed heads), if there is one; the reason, where
+    normed segments are joined along a dim that the rewrite cannot tell is the tokens'."""
     users = list(norm.out.users)
     if len(users) != 1 or users[0].target is not aten.cat.default:
         return None
@@ -389,10 +392,17 @@ def _joint_cat(norm: _Norm, norm_of: dict[fx.Node, _Norm]) -> fx.Node | None:
     rank = fake_value(cat).dim()
     dim = (cat.args[1] if len(cat.args) > 1 else 0) % rank
     parts = cat.args[0]
-    if dim >= rank - 2 or len(parts) < 2 or len(set(parts)) != len(parts):
-        return None  # along heads or channels: not joint attention
+    if len(parts) < 2 or len(set(parts)) != len(parts):
+        return None
     if not all(part in norm_of and len(part.users) == 1 for part in parts):
         return None
+    if dim >= rank - 2:
+        # [B, S, H, D]'s dim 2 holds heads, but [B, H, S, D]'s holds tokens, and so does [B, S, H*D]'s dim 1
+        # (a norm across heads): which one it is, the cat does not say. Said once, at the first segment.
+        if parts[0] is not norm.out:
+            return None
+        return (f"normed segments joined along dim {dim} of a {rank}-d tensor: joint attention is matched "
+                "for a cat along a dim before the last two (the tokens of [B, S, H, D])")
     if any(_concrete(fake_value(part).shape[dim]) is None for part in parts):
         return None  # segment lengths slice the tables: known at compile time
     return cat

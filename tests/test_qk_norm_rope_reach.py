@@ -243,6 +243,18 @@ def test_class_b_near_miss_cat_of_a_normed_and_a_raw_segment():
     check(front, joint_args(1, 4, 5, 2, 2, 16) + (angle.cos(), angle.sin()), fires=0)
 
 
+@pytest.mark.parametrize("S_txt, S_img, H", [(4, 5, 2), (3, 7, 3)])
+def test_class_b_near_miss_joint_attention_in_bhsd_says_why(S_txt, S_img, H):
+    # the older Flux form: heads transposed first, cat along [B, H, S, D]'s tokens (dim 2), which in
+    # [B, S, H, D] would be the heads; not matched, and explain says so (once, not per segment)
+    angle = rand(1, 1, S_txt + S_img, 16, seed=S_img) * 3
+    args = joint_args(1, S_txt, S_img, H, H, 16, seq_dim=2) + (angle.cos(), angle.sin())
+    result = check(joint(rope_neox, seq_dim=2), args, fires=0)
+    reasons = [d.reason for d in result.report.declines if d.pass_name == "qk_norm_rope"]
+    assert reasons.count("normed segments joined along dim 2 of a 4-d tensor: joint attention is matched for a "
+                         "cat along a dim before the last two (the tokens of [B, S, H, D])") == 2  # q's and k's
+
+
 # --- Token slice: norm over all tokens, RoPE of one run of them (CogVideoX/CogView4's processors, HunyuanVideo) -
 
 
