@@ -1,4 +1,7 @@
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +31,18 @@ def inductor(request):
     """Both ways a pass test compiles: through Inductor's real ``compile_fx`` (the post-grad graph
     as Inductor orders it), and the faster ATen-only path (``{"inductor": False}``)."""
     return request.param
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str, name: str | None = None):
+    """A script of the repository (``benchmarks/`` and ``examples/`` are not packages), loaded by path
+    and registered in ``sys.modules`` under ``name`` (default: its file's stem), where dataclasses
+    look their module up."""
+    path = ROOT / relative
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

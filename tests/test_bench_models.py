@@ -2,21 +2,18 @@
 (CPU, float32; every configuration in its own process with fresh compile caches).
 
 ``benchmarks/`` is not a package, so the file is loaded by path."""
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models.py"
-_spec = importlib.util.spec_from_file_location("bench_models", SCRIPT)
-bench_models = sys.modules["bench_models"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
-_spec.loader.exec_module(bench_models)
+SCRIPT = ROOT / "benchmarks" / "bench_models.py"
+bench_models = load_script("benchmarks/bench_models.py")
 Config = bench_models.Config
 
 

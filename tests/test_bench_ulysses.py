@@ -1,16 +1,9 @@
 """The exposed-communication arithmetic of ``benchmarks/bench_ulysses.py`` (the benchmark
 itself runs under torchrun; ``benchmarks/`` is not a package, so the file is loaded by path)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_ulysses", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ulysses.py"
-)
-bench_ulysses = sys.modules["bench_ulysses"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
-_spec.loader.exec_module(bench_ulysses)
+bench_ulysses = load_script("benchmarks/bench_ulysses.py")
 comm_exposure = bench_ulysses.comm_exposure
 
 

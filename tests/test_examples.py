@@ -3,33 +3,23 @@ in a process of its own (fp32; the CPU in CI): the denoising loop runs eager, wi
 and with diffopt, the compiled latents agree with eager's, diffopt's report is printed.
 
 ``examples/`` is not a package: its shared module is imported from the folder."""
-import importlib.util
 import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT, load_script
 
 pytest.importorskip("diffusers")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import _common  # noqa: E402
 
-
-
-def _load(script: str):
-    spec = importlib.util.spec_from_file_location(f"examples_{Path(script).stem}", EXAMPLES / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-wan, cosmos3 = _load("wan.py"), _load("cosmos3.py")
+wan, cosmos3 = load_script("examples/wan.py", "examples_wan"), load_script("examples/cosmos3.py", "examples_cosmos3")
 WAN = wan.DEFAULTS
 
 

@@ -2,25 +2,20 @@
 code really makes when it runs (CPU: every ``empty_strided_cpu`` the module calls is counted, and
 uncounted when its storage dies), on random programs compiled by Inductor and by diffopt."""
 import gzip
-import importlib.util
 import re
-import sys
 import weakref
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from conftest import load_script
 from torch._inductor.utils import run_and_get_code
 
 import diffopt  # noqa: F401  (registers the backend)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "replay_memory.py"
-_spec = importlib.util.spec_from_file_location("replay_memory", SCRIPT)
-replay_memory = sys.modules["replay_memory"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(replay_memory)
+replay_memory = load_script("benchmarks/replay_memory.py")
 
 ORIGINAL_EMPTY_STRIDED = torch._C._dynamo.guards._empty_strided_cpu
 
