@@ -2,7 +2,8 @@
 
     python benchmarks/bench_models.py [--workloads a,b] [--backends eager,inductor,diffopt]
         [--cudagraphs] [--max-autotune] [--regional] [--configs LIST] [--repeats N]
-        [--iters N] [--warmup N] [--timeout S] [--wan14b-blocks N] [--memory-breakdown] [--tiny] [--out DIR]
+        [--iters N] [--warmup N] [--timeout S] [--wan14b-blocks N] [--memory-breakdown] [--kernels]
+        [--tiny] [--out DIR]
     python benchmarks/bench_models.py --plot DIR/bench_models.json   # the chart of an earlier run
 
 Workloads: random weights, bf16 on CUDA (cast as ``from_pretrained(torch_dtype=...)`` casts,
@@ -46,6 +47,11 @@ child alone would pay that once-per-machine build inside its cold compile.
 its peak, largest first, each with the lines that allocated it (``live_at_peak`` in the JSON);
 Inductor's generated modules those lines are in are kept under ``DIR/code``. That is how a peak
 difference between two backends is traced to buffers (docs/benchmarks.md, "Where memory goes").
+
+``--kernels`` (CUDA) also profiles three more calls: the device's busy time per call (``kernel ms``
+in the table: the kernels' summed time; what the median has above it is host time or waiting),
+launches per call, and the top kernels by time (``top_kernels`` in the JSON, the first five
+printed under the table). That is how a time difference between two backends is traced to kernels.
 """
 from __future__ import annotations
 
@@ -217,6 +223,7 @@ def summarize(runs: Sequence[dict]) -> dict:
         values = [run[key] for run in ok if run.get(key) is not None]
         return max(values) if values else None
 
+    profiled = [run["kernels"] for run in ok if run.get("kernels")]
     summary.update(
         median_ms=median,
         min_ms=min(calls),
@@ -231,6 +238,9 @@ def summarize(runs: Sequence[dict]) -> dict:
         rel_err_l2=largest("rel_err_l2"),
         rewrites=ok[0].get("rewrites"),
         graphs=ok[0].get("graphs"),
+        kernel_ms=statistics.median(kernels["kernel_ms"] for kernels in profiled) if profiled else None,
+        launches=statistics.median(kernels["launches"] for kernels in profiled) if profiled else None,
+        top_kernels=profiled[0]["top"] if profiled else None,
     )
     return summary
 
@@ -255,19 +265,20 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 
 def table(results: Sequence[dict]) -> str:
     """The results as an aligned Markdown table."""
-    header = ("workload", "config", "median ms", "min ms", "spread %", "vs inductor", "peak GB", "held GB",
+    header = ("workload", "config", "median ms", "min ms", "kernel ms", "spread %", "vs inductor", "peak GB", "held GB",
               "compile s", "rel err max", "rel L2", "rewrites / error")
     rows = [header]
     for row in results:
         start = (row["workload"], row["config"])
         if row.get("median_ms") is None:
-            rows.append(start + ("failed",) + ("",) * 8 + (row["errors"][0][:160] if row["errors"] else "not run",))
+            rows.append(start + ("failed",) + ("",) * 9 + (row["errors"][0][:160] if row["errors"] else "not run",))
             continue
         rewrites = ", ".join(f"{name} {count}" for name, count in (row.get("rewrites") or {}).items() if count)
         failed = f" ({row['failed_repeats']} failed)" if row["failed_repeats"] else ""
         rows.append(start + (
             _fmt(row["median_ms"], ".2f") + failed,
             _fmt(row["min_ms"], ".2f"),
+            _fmt(row.get("kernel_ms"), ".2f"),
             _fmt(row["spread_pct"], ".1f"),
             _fmt(row["vs_inductor"], ".3f"),
             _fmt(row["peak_GB"], ".3f"),
@@ -280,6 +291,11 @@ def table(results: Sequence[dict]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    for row in results:
+        if row.get("top_kernels"):
+            lines += ["", f"{row['workload']} {row['config']}: {row['launches']:.0f} launches per call, top kernels:"]
+            lines += [f"  {kernel['ms']:8.3f} ms  x{kernel['per_call']:<5.0f} {kernel['name'][:110]}"
+                      for kernel in row["top_kernels"][:5]]
     return "\n".join(lines)
 
 
@@ -363,7 +379,7 @@ def compiled(model, config: Config):
 def run_child(spec: dict) -> dict:
     """Build, compile and time one configuration (in a process of its own)."""
     import torch
-    from measure import Peak, cuda_peak_above, cuda_reserved, live_at_peak, ms_per_call
+    from measure import Peak, cuda_peak_above, cuda_reserved, kernel_time, live_at_peak, ms_per_call
     from torch.utils._pytree import tree_leaves
 
     from diffopt.models.diffusers_models import cast_like_from_pretrained
@@ -405,6 +421,8 @@ def run_child(spec: dict) -> dict:
         result["held_bytes"] = cuda_reserved() - base_reserved if cuda else None
         with peak_above_base() as peak:
             result["ms"] = ms_per_call(lambda: fn(**inputs), spec["iters"], device)
+        if spec.get("kernels") and cuda:
+            result["kernels"] = kernel_time(lambda: fn(**inputs))
         if spec.get("memory_breakdown") and cuda:
             result["live_at_peak"] = live_at_peak(lambda: fn(**inputs), keep_code=spec["memory_breakdown"])
         leaves = [leaf for leaf in tree_leaves(fn(**inputs)) if isinstance(leaf, torch.Tensor)]
@@ -570,6 +588,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--memory-breakdown", action="store_true",
                         help="also record one call's allocations: what is live at its peak, which lines allocated it "
                         "(Inductor's generated modules are kept under OUT/code)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also profile three calls: the device's busy time per call, launches, the top kernels")
     parser.add_argument("--tiny", action="store_true", help="tiny configs, float32, on the CPU")
     parser.add_argument("--device", help="default: cuda, or cpu with --tiny")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -628,6 +648,7 @@ def main(argv: Iterable[str] | None = None) -> None:
                 "tiny": args.tiny, "device": device, "dtype": meta["dtype"], "iters": args.iters,
                 "warmup": args.warmup, "wan14b_blocks": args.wan14b_blocks,
                 "memory_breakdown": str(out / "code" / tag) if args.memory_breakdown else None,
+                "kernels": args.kernels,
                 "reference": str(Path(run_dir) / f"{name}.eager.pt"), "result": str(Path(run_dir) / f"{tag}.json"),
             }
             result = run_configuration(spec, Path(run_dir), out / "logs" / f"{tag}.log", args.timeout)

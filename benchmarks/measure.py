@@ -60,6 +60,37 @@ def ms_per_call(fn: Callable[[], object], iters: int, device: torch.device) -> l
     return times
 
 
+def kernel_time(fn: Callable[[], object], calls: int = 3, top: int = 15) -> dict:
+    """The device's side of ``calls`` calls of ``fn()`` on CUDA, per call (:func:`per_call_kernels`): the
+    kernels' summed time is the device's busy time, so what a call's wall time has above it is the
+    host's (launches, Python, the allocator) or waiting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return per_call_kernels(profiler.key_averages(), calls, top)
+
+
+def per_call_kernels(averages, calls: int, top: int) -> dict:
+    """From the profiler's averages per name (``key_averages()``) over ``calls`` calls, of the events
+    that ran on the device (kernels, copies, sets): ``kernel_ms``, their summed time per call;
+    ``launches`` per call; ``top``, the ``top`` names by time, each with its ms and count per call."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((event for event in averages if event.device_type == DeviceType.CUDA),
+                     key=lambda event: -event.self_device_time_total)
+    return {
+        "calls": calls,
+        "kernel_ms": sum(event.self_device_time_total for event in kernels) / calls / 1e3,
+        "launches": sum(event.count for event in kernels) / calls,
+        "top": [{"name": event.key, "ms": event.self_device_time_total / calls / 1e3, "per_call": event.count / calls}
+                for event in kernels[:top]],
+    }
+
+
 def cuda_ms_and_peak(fn, args, rep_ms: int = 100) -> tuple[float, int]:
     """Median ms of ``fn(*args)`` (``do_bench``) and its peak memory in bytes above what was allocated before."""
     fn(*args)

@@ -7,13 +7,17 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from conftest import ROOT, load_script
 
 SCRIPT = ROOT / "benchmarks" / "bench_models.py"
 bench_models = load_script("benchmarks/bench_models.py")
+measure = load_script("benchmarks/measure.py")
 Config = bench_models.Config
 
 
@@ -47,6 +51,40 @@ def test_summarize_pools_the_calls_of_every_repeat():
     assert summary["peak_GB"] == 3.0  # the largest of the repeats, as are the errors
     assert (summary["rel_err_max"], summary["rel_err_l2"]) == (2e-3, 1e-4)
     assert summary["rewrites"] == {"dedupe": 3} and summary["failed_repeats"] == 0
+
+
+def test_summarize_takes_the_kernel_profile_where_the_children_made_one():
+    top = [{"name": "triton_mm_1", "ms": 0.5, "per_call": 30.0}]
+    runs = [{"ms": [3.0], "compile_s": 1.0, "kernels": {"calls": 3, "kernel_ms": 2.0, "launches": 90.0, "top": top}},
+            {"ms": [4.0], "compile_s": 1.0, "kernels": {"calls": 3, "kernel_ms": 2.4, "launches": 91.0, "top": []}}]
+    summary = bench_models.summarize(runs)
+    assert (summary["kernel_ms"], summary["launches"], summary["top_kernels"]) == (2.2, 90.5, top)
+    unprofiled = bench_models.summarize([{"ms": [3.0], "compile_s": 1.0}])
+    assert unprofiled["kernel_ms"] is None and unprofiled["top_kernels"] is None
+    table = bench_models.table([{"workload": "w", "config": "c", "failed_repeats": 0, "vs_inductor": None, **summary}])
+    header, _, row = ([cell.strip() for cell in line.split("|")] for line in table.splitlines()[:3])
+    assert row[header.index("kernel ms")] == "2.20" and row[header.index("median ms")] == "3.50"
+    assert "w c: 90 launches per call, top kernels:" in table
+    assert "0.500 ms  x30    triton_mm_1" in table
+
+
+@given(st.lists(st.tuples(st.sampled_from(["CUDA", "CPU"]), st.integers(1, 400), st.floats(0.5, 5e4)),
+                min_size=1, max_size=12, unique_by=lambda event: event[1]),
+       st.integers(1, 5), st.integers(1, 6))
+def test_per_call_kernels_sums_what_ran_on_the_device(events, calls, top):
+    from torch.autograd import DeviceType
+
+    averages = [SimpleNamespace(key=f"k{count}", device_type=getattr(DeviceType, device), count=count,
+                                self_device_time_total=us)
+                for device, count, us in events]
+    device = [event for event in averages if event.device_type == DeviceType.CUDA]
+    record = measure.per_call_kernels(averages, calls, top)
+    assert record["calls"] == calls
+    assert record["kernel_ms"] == pytest.approx(sum(e.self_device_time_total for e in device) / calls / 1e3)
+    assert record["launches"] == pytest.approx(sum(e.count for e in device) / calls)
+    ranked = sorted(device, key=lambda e: -e.self_device_time_total)[:top]
+    assert [kernel["name"] for kernel in record["top"]] == [e.key for e in ranked]
+    assert [kernel["per_call"] for kernel in record["top"]] == pytest.approx([e.count / calls for e in ranked])
 
 
 def test_summarize_keeps_failures_and_missing_numbers():
@@ -266,7 +304,7 @@ def test_kernel_prebuild_runs_in_its_own_process_and_is_recorded(tmp_path):
 @pytest.mark.gpu
 def test_tiny_run_on_cuda_measures_peak_memory(tmp_path):
     stdout, data, _ = _run(tmp_path, "--workloads", "wan1.3b_1frame", "--cudagraphs", "--iters", "3",
-                           "--warmup", "2", device="cuda")
+                           "--warmup", "2", "--kernels", device="cuda")
     results = {row["config"]: row for row in data["results"]}
     assert set(results) == {"eager", "inductor", "diffopt", "inductor/reduce-overhead", "diffopt/reduce-overhead"}
     for name, row in results.items():
@@ -275,6 +313,9 @@ def test_tiny_run_on_cuda_measures_peak_memory(tmp_path):
         assert row["held_GB"] is not None, name
         if name != "eager":
             assert row["rel_err_max"] < 1e-3, name
+        if "reduce-overhead" not in name:  # a graph replay's kernels may not reach the profiler
+            assert row["kernel_ms"] > 0 and row["launches"] >= len(row["top_kernels"]) > 0, name
+            assert f"{row['workload']} {name}: " in stdout
     assert data["meta"]["env"]["gpu"]
     assert "kernel_prebuild" not in data["meta"]  # float32 only: no FlashInfer kernel to build
 
