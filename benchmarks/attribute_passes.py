@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import _wan, workloads  # noqa: E402
-from measure import cuda_peak_above, ms_per_call  # noqa: E402
+from measure import cuda_peak_above, time_calls  # noqa: E402
 
 import diffopt  # noqa: E402
 from diffopt.backend import diffopt_backend  # noqa: E402
@@ -40,7 +40,7 @@ def measure(model, inputs, compiled, iters: int) -> dict:
         compiled(**inputs)
         with cuda_peak_above() as peak:
             compiled(**inputs)
-        times = ms_per_call(lambda: compiled(**inputs), iters, device)
+        times = time_calls(lambda: compiled(**inputs), iters, device).ms
     fired = {run.pass_name: report.matches(run.pass_name) for run in report.runs if report.matches(run.pass_name)}
     return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_GB": peak.bytes / 1e9, "fired": fired}
 

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_models.py [--workloads a,b] [--backends eager,inductor,diffopt]
         [--cudagraphs] [--max-autotune] [--regional] [--configs LIST] [--repeats N]
-        [--iters N] [--warmup N] [--timeout S] [--wan14b-blocks N] [--memory-breakdown] [--kernels]
-        [--tiny] [--out DIR]
+        [--iters N] [--warmup N] [--timeout S] [--cache-dir DIR] [--wan14b-blocks N]
+        [--memory-breakdown] [--kernels] [--tiny] [--out DIR]
     python benchmarks/bench_models.py --plot DIR/bench_models.json   # the chart of an earlier run
 
 Workloads: random weights, bf16 on CUDA (cast as ``from_pretrained(torch_dtype=...)`` casts,
@@ -23,11 +23,18 @@ Each configuration runs in a child process of its own with new, empty
 ``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR`` folders, so its first call is a cold
 compile. The parent runs the whole set ``--repeats`` times in the same order (ABCABC),
 so that drift and noise show across repeats. A configuration that fails (compile error, OOM,
-CUDA graphs, timeout) is recorded with its error and the run goes on.
+CUDA graphs, timeout) is recorded with its error and the run goes on. ``--cache-dir DIR`` gives
+every child DIR's caches instead, kept: first calls are then warm once an earlier child (or run)
+has filled them (said above the table, and ``cache_dir`` in the JSON's ``meta``). That is how
+``max-autotune`` configurations, whose cold compile spends minutes tuning GEMMs, are compared within
+one run: the first child tunes, the others reuse its choices.
 
 Per configuration, over all measured iterations of all repeats: median and min ms per
-forward (each call timed alone: CUDA events, the host waiting between calls); the spread of
-the per-repeat medians; steady-state peak memory above the inputs (max allocated over the
+forward (each call timed alone: CUDA events, the host waiting between calls); host ms, the
+median time until a call returned to Python (its launches; when it is about the median, the
+configuration is launch-bound and runs at its host's speed); the spread of the per-repeat medians
+(above 20%, each repeat's median, host and kernel ms are printed under the table; the JSON also
+has the machine's load average as each child's timing began); steady-state peak memory above the inputs (max allocated over the
 measured calls minus what was allocated once weights and inputs were in place), and the same
 over the first call and warm-up (compile, autotuning, CUDA-graph recording); the memory held
 between calls after warm-up (reserved by the caching allocator once its free cache is
@@ -224,6 +231,7 @@ def summarize(runs: Sequence[dict]) -> dict:
         return max(values) if values else None
 
     profiled = [run["kernels"] for run in ok if run.get("kernels")]
+    host_calls = [ms for run in ok for ms in run.get("host_ms", ())]
     summary.update(
         median_ms=median,
         min_ms=min(calls),
@@ -238,7 +246,10 @@ def summarize(runs: Sequence[dict]) -> dict:
         rel_err_l2=largest("rel_err_l2"),
         rewrites=ok[0].get("rewrites"),
         graphs=ok[0].get("graphs"),
+        host_ms=statistics.median(host_calls) if host_calls else None,
+        repeat_host_ms=[statistics.median(run["host_ms"]) if run.get("host_ms") else None for run in ok],
         kernel_ms=statistics.median(kernels["kernel_ms"] for kernels in profiled) if profiled else None,
+        repeat_kernel_ms=[run["kernels"]["kernel_ms"] if run.get("kernels") else None for run in ok],
         launches=statistics.median(kernels["launches"] for kernels in profiled) if profiled else None,
         top_kernels=profiled[0]["top"] if profiled else None,
     )
@@ -263,21 +274,29 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
 
 
+# Repeat medians further apart than this are printed one by one under the table: more than the
+# 5-20% the same configuration moves between processes on these machines deserves a look at which
+# side (host or kernels) moved.
+NOISY_SPREAD_PCT = 20.0
+
+
 def table(results: Sequence[dict]) -> str:
     """The results as an aligned Markdown table."""
-    header = ("workload", "config", "median ms", "min ms", "kernel ms", "spread %", "vs inductor", "peak GB", "held GB",
+    header = ("workload", "config", "median ms", "min ms", "host ms", "kernel ms", "spread %", "vs inductor", "peak GB",
+              "held GB",
               "compile s", "rel err max", "rel L2", "rewrites / error")
     rows = [header]
     for row in results:
         start = (row["workload"], row["config"])
         if row.get("median_ms") is None:
-            rows.append(start + ("failed",) + ("",) * 9 + (row["errors"][0][:160] if row["errors"] else "not run",))
+            rows.append(start + ("failed",) + ("",) * 10 + (row["errors"][0][:160] if row["errors"] else "not run",))
             continue
         rewrites = ", ".join(f"{name} {count}" for name, count in (row.get("rewrites") or {}).items() if count)
         failed = f" ({row['failed_repeats']} failed)" if row["failed_repeats"] else ""
         rows.append(start + (
             _fmt(row["median_ms"], ".2f") + failed,
             _fmt(row["min_ms"], ".2f"),
+            _fmt(row.get("host_ms"), ".2f"),
             _fmt(row.get("kernel_ms"), ".2f"),
             _fmt(row["spread_pct"], ".1f"),
             _fmt(row["vs_inductor"], ".3f"),
@@ -291,6 +310,11 @@ def table(results: Sequence[dict]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    for row in results:
+        if (row.get("spread_pct") or 0) > NOISY_SPREAD_PCT:
+            lines += ["", f"{row['workload']} {row['config']}: the repeats disagree by {row['spread_pct']:.0f}%; per repeat:"]
+            lines += [f"  median {ms:.2f} ms, host {_fmt(host, '.2f')} ms, kernels {_fmt(kernels, '.2f')} ms"
+                      for ms, host, kernels in zip(row["repeat_median_ms"], row["repeat_host_ms"], row["repeat_kernel_ms"])]
     for row in results:
         if row.get("top_kernels"):
             lines += ["", f"{row['workload']} {row['config']}: {row['launches']:.0f} launches per call, top kernels:"]
@@ -379,7 +403,7 @@ def compiled(model, config: Config):
 def run_child(spec: dict) -> dict:
     """Build, compile and time one configuration (in a process of its own)."""
     import torch
-    from measure import Peak, cuda_peak_above, cuda_reserved, kernel_time, live_at_peak, ms_per_call
+    from measure import Peak, cuda_peak_above, cuda_reserved, kernel_time, live_at_peak, time_calls
     from torch.utils._pytree import tree_leaves
 
     from diffopt.models.diffusers_models import cast_like_from_pretrained
@@ -419,8 +443,11 @@ def run_child(spec: dict) -> dict:
         # held between calls; under CUDA graphs this is the graphs' memory pool, which the steady-state
         # peak (replays allocate nothing) does not see
         result["held_bytes"] = cuda_reserved() - base_reserved if cuda else None
+        # the machine's load as the timing starts: a launch-bound child is as fast as its host
+        result["load_avg_1min"] = os.getloadavg()[0]
         with peak_above_base() as peak:
-            result["ms"] = ms_per_call(lambda: fn(**inputs), spec["iters"], device)
+            times = time_calls(lambda: fn(**inputs), spec["iters"], device)
+        result["ms"], result["host_ms"] = times.ms, times.host_ms
         if spec.get("kernels") and cuda:
             result["kernels"] = kernel_time(lambda: fn(**inputs))
         if spec.get("memory_breakdown") and cuda:
@@ -436,6 +463,8 @@ def run_child(spec: dict) -> dict:
         result["pass_errors"] = [f"{run.pass_name} on {run.graph}: {run.error}" for run in report.failures()]
     if config.backend != "eager":
         result["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        # graphs Inductor's FX graph cache served: 0 in a cold child, all of them in a warm one (--cache-dir)
+        result["fx_graph_cache_hits"] = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
 
     reference = Path(spec["reference"])
     if reference.exists():
@@ -490,9 +519,10 @@ def _child_main(spec_json: str) -> None:
 # ---------------------------------------------------------------------------- parent
 
 
-def run_configuration(spec: dict, run_dir: Path, log_path: Path, timeout_s: float) -> dict:
-    """One child with fresh compile caches; its result, or what went wrong with it."""
-    caches = Path(tempfile.mkdtemp(prefix="caches-", dir=run_dir))
+def run_configuration(spec: dict, run_dir: Path, log_path: Path, timeout_s: float,
+                      shared_caches: Path | None = None) -> dict:
+    """One child with fresh compile caches (or ``shared_caches``, kept); its result, or what went wrong with it."""
+    caches = shared_caches or Path(tempfile.mkdtemp(prefix="caches-", dir=run_dir))
     env = {
         **os.environ,
         "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
@@ -519,7 +549,8 @@ def run_configuration(spec: dict, run_dir: Path, log_path: Path, timeout_s: floa
                 pass
             child.wait()
     wall_s = time.perf_counter() - start
-    shutil.rmtree(caches, ignore_errors=True)
+    if shared_caches is None:
+        shutil.rmtree(caches, ignore_errors=True)
     if timed_out:
         result = {"error": f"timeout: killed after {timeout_s:g} s"}
     elif result_path.exists():
@@ -584,6 +615,10 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=10, help="measured calls per child")
     parser.add_argument("--warmup", type=int, default=3, help="calls after the first, before measuring")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per child")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="every child compiles with this folder's Inductor and Triton caches, kept between "
+                             "children and runs: first calls are then warm, not cold (max-autotune's GEMM tuning "
+                             "is done once and reused)")
     parser.add_argument("--wan14b-blocks", type=int, default=8)
     parser.add_argument("--memory-breakdown", action="store_true",
                         help="also record one call's allocations: what is live at its peak, which lines allocated it "
@@ -628,6 +663,7 @@ def main(argv: Iterable[str] | None = None) -> None:
         "repeats": args.repeats,
         "iters": args.iters,
         "warmup": args.warmup,
+        "cache_dir": str(args.cache_dir) if args.cache_dir else None,
         "workloads": {name: table_of_workloads[name].description for name in names},
         "env": None,
     }
@@ -651,7 +687,7 @@ def main(argv: Iterable[str] | None = None) -> None:
                 "kernels": args.kernels,
                 "reference": str(Path(run_dir) / f"{name}.eager.pt"), "result": str(Path(run_dir) / f"{tag}.json"),
             }
-            result = run_configuration(spec, Path(run_dir), out / "logs" / f"{tag}.log", args.timeout)
+            result = run_configuration(spec, Path(run_dir), out / "logs" / f"{tag}.log", args.timeout, args.cache_dir)
             meta["env"] = meta["env"] or result.pop("env", None)
             result.pop("env", None)
             runs[(name, config)].append({"repeat": repeat, **result})
@@ -659,6 +695,8 @@ def main(argv: Iterable[str] | None = None) -> None:
             json_path.write_text(json.dumps({"meta": meta, "results": collect(runs)}, indent=1))
     results = collect(runs)
     print()
+    if args.cache_dir:
+        print(f"compile s is warm: every child compiled with the caches in {args.cache_dir}")
     print(table(results))
     print("wrote", json_path)
     chart = plot(results, meta, out / "bench_models.png")

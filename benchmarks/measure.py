@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
@@ -36,27 +37,40 @@ def cuda_reserved() -> int:
     return torch.cuda.memory_reserved()
 
 
-def ms_per_call(fn: Callable[[], object], iters: int, device: torch.device) -> list[float]:
-    """Milliseconds of each of ``iters`` calls of ``fn()``, each call timed on its own.
+@dataclasses.dataclass
+class CallTimes:
+    """Per call, in milliseconds: ``ms`` until the device finished it, ``host_ms`` until it returned to
+    the caller (launching its kernels; on CUDA the device may still be running them). When ``host_ms``
+    is about ``ms`` the calls are launch-bound: the host's speed sets the time, not the kernels'."""
+
+    ms: list[float]
+    host_ms: list[float]
+
+
+def time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> CallTimes:
+    """Times of each of ``iters`` calls of ``fn()``, each call timed on its own.
 
     On CUDA, events around each call, with the host waiting for the device before the next
     one: host-side launch cost counts whenever the device would wait for it. Elsewhere, wall
-    clock.
+    clock (and ``host_ms`` is ``ms``).
     """
-    times = []
+    times = CallTimes([], [])
     for _ in range(iters):
         if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
             start.record()
+            start_s = time.perf_counter()
             fn()
+            times.host_ms.append((time.perf_counter() - start_s) * 1e3)
             stop.record()
             stop.synchronize()
-            times.append(start.elapsed_time(stop))
+            times.ms.append(start.elapsed_time(stop))
         else:
             start_s = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - start_s) * 1e3)
+            times.ms.append((time.perf_counter() - start_s) * 1e3)
+            times.host_ms.append(times.ms[-1])
     return times
 
 

@@ -87,6 +87,40 @@ def test_per_call_kernels_sums_what_ran_on_the_device(events, calls, top):
     assert [kernel["per_call"] for kernel in record["top"]] == pytest.approx([e.count / calls for e in ranked])
 
 
+def test_summarize_and_table_show_host_time_and_each_repeat_when_repeats_disagree():
+    # Two processes of one compiled program: the same kernels, one host 1.5x slower (seen on an H200 under
+    # max-autotune: 15.58 and 23.70 ms with 13.05 and 13.13 ms of kernels).
+    runs = [{"ms": [15.5, 15.6, 15.7], "host_ms": [15.0, 15.1, 15.2], "compile_s": 29.0,
+             "kernels": {"calls": 3, "kernel_ms": 13.05, "launches": 645.0, "top": []}},
+            {"ms": [23.6, 23.7, 23.8], "host_ms": [23.1, 23.2, 23.3], "compile_s": 22.7,
+             "kernels": {"calls": 3, "kernel_ms": 13.13, "launches": 645.0, "top": []}}]
+    summary = bench_models.summarize(runs)
+    assert summary["host_ms"] == pytest.approx(19.15) and summary["repeat_host_ms"] == [15.1, 23.2]
+    assert summary["repeat_kernel_ms"] == [13.05, 13.13]
+    assert summary["spread_pct"] > bench_models.NOISY_SPREAD_PCT
+    table = bench_models.table([{"workload": "w", "config": "c", "failed_repeats": 0, "vs_inductor": None, **summary}])
+    header, _, row = ([cell.strip() for cell in line.split("|")] for line in table.splitlines()[:3])
+    assert row[header.index("host ms")] == "19.15"
+    assert "w c: the repeats disagree by 41%; per repeat:" in table
+    assert "  median 15.60 ms, host 15.10 ms, kernels 13.05 ms" in table
+    assert "  median 23.70 ms, host 23.20 ms, kernels 13.13 ms" in table
+    # repeats that agree, or one repeat, print no such lines; a run without host times shows "-"
+    steady = bench_models.summarize([{"ms": [10.0], "compile_s": 1.0}, {"ms": [10.5], "compile_s": 1.0}])
+    table = bench_models.table([{"workload": "w", "config": "c", "failed_repeats": 0, "vs_inductor": None, **steady}])
+    header, _, row = ([cell.strip() for cell in line.split("|")] for line in table.splitlines()[:3])
+    assert row[header.index("host ms")] == "-" and "disagree" not in table
+
+
+@given(iters=st.integers(1, 4), sleep_ms=st.floats(0.5, 3.0))
+def test_time_calls_times_each_call_and_its_host_side(iters, sleep_ms):
+    import time
+
+    calls = []
+    times = measure.time_calls(lambda: (calls.append(1), time.sleep(sleep_ms / 1e3)), iters, torch.device("cpu"))
+    assert len(calls) == len(times.ms) == len(times.host_ms) == iters
+    assert all(ms >= sleep_ms * 0.99 for ms in times.ms) and times.host_ms == times.ms  # no device to wait for
+
+
 def test_summarize_keeps_failures_and_missing_numbers():
     ok = {"ms": [5.0, 7.0], "compile_s": 1.5}  # on the CPU: no peak; no eager reference: no error
     summary = bench_models.summarize([ok, {"error": "OutOfMemoryError: boom"}, {"error": "OutOfMemoryError: boom"}])
@@ -241,7 +275,8 @@ def test_tiny_run_has_every_configuration_with_finite_numbers(tiny_run):
     assert set(results) == {"eager", "inductor", "diffopt"}
     for name, row in results.items():
         assert row["workload"] == "wan1.3b_1frame" and row["failed_repeats"] == 0, row["errors"]
-        assert len(row["runs"]) == 1 and len(row["runs"][0]["ms"]) == 2
+        assert len(row["runs"]) == 1 and len(row["runs"][0]["ms"]) == 2 == len(row["runs"][0]["host_ms"])
+        assert row["runs"][0]["load_avg_1min"] >= 0 and row["host_ms"] > 0
         for key in ("median_ms", "min_ms", "compile_s", "vs_inductor"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key)
         assert row["min_ms"] <= row["median_ms"]
@@ -250,6 +285,7 @@ def test_tiny_run_has_every_configuration_with_finite_numbers(tiny_run):
     for name in ("inductor", "diffopt"):
         assert results[name]["rel_err_max"] < 1e-4 and results[name]["rel_err_l2"] < 1e-4, name
         assert results[name]["graphs"] >= 1
+        assert results[name]["runs"][0]["fx_graph_cache_hits"] == 0, name  # each child compiles cold
     assert results["inductor"]["vs_inductor"] == 1.0
     rewrites = results["diffopt"]["rewrites"]
     assert set(rewrites) <= set(registered_passes()) and sum(rewrites.values()) > 0
@@ -281,6 +317,21 @@ def test_repeats_run_the_set_again_and_eager_repeats_itself(tmp_path):
     assert len(row["repeat_median_ms"]) == 2 and row["spread_pct"] >= 0
     assert row["rel_err_max"] == 0.0  # the second eager run against the first one's output
     assert row["vs_inductor"] is None
+
+
+def test_shared_cache_dir_makes_later_children_warm_and_is_kept(tmp_path):
+    caches = tmp_path / "caches"
+    stdout, data, _ = _run(tmp_path, "--workloads", "wan1.3b_1frame", "--configs", "eager,inductor,diffopt", "--repeats", "2",
+                           "--iters", "1", "--warmup", "0", "--cache-dir", str(caches))
+    hits = {row["config"]: [run["fx_graph_cache_hits"] for run in row["runs"]] for row in data["results"]
+            if row["backend"] != "eager"}
+    # the first child of each backend compiles and fills the cache; its second child finds the graph there
+    assert hits["inductor"][0] == 0 and hits["inductor"][1] >= 1, hits
+    assert hits["diffopt"][1] >= 1, hits
+    assert (caches / "inductor").is_dir() and any((caches / "inductor").rglob("*"))
+    assert data["meta"]["cache_dir"] == str(caches)
+    assert f"compile s is warm: every child compiled with the caches in {caches}" in stdout
+    assert all(row["rel_err_max"] < 1e-4 for row in data["results"] if row["backend"] != "eager"), data["results"]
 
 
 def test_a_child_past_its_timeout_is_recorded_and_the_run_goes_on(tmp_path):
@@ -315,6 +366,7 @@ def test_tiny_run_on_cuda_measures_peak_memory(tmp_path):
             assert row["rel_err_max"] < 1e-3, name
         if "reduce-overhead" not in name:  # a graph replay's kernels may not reach the profiler
             assert row["kernel_ms"] > 0 and row["launches"] >= len(row["top_kernels"]) > 0, name
+            assert 0 < row["host_ms"] <= row["median_ms"] * 1.05, name  # the host returns before the device ends
             assert f"{row['workload']} {name}: " in stdout
     assert data["meta"]["env"]["gpu"]
     assert "kernel_prebuild" not in data["meta"]  # float32 only: no FlashInfer kernel to build
