@@ -34,9 +34,10 @@ forward (each call timed alone: CUDA events, the host waiting between calls); ho
 median time until a call returned to Python (its launches; when it is about the median, the
 configuration is launch-bound and runs at its host's speed); the spread of the per-repeat medians
 (above 20%, each repeat's median, host and kernel ms are printed under the table; the JSON also
-has the machine's load average as each child's timing began); steady-state peak memory above the inputs (max allocated over the
-measured calls minus what was allocated once weights and inputs were in place), and the same
-over the first call and warm-up (compile, autotuning, CUDA-graph recording); the memory held
+has the machine's load average as each child's timing began); steady-state peak memory above the
+inputs (max allocated over the measured calls minus what was allocated once weights and inputs
+were in place), and the same over the first call and warm-up (compile, autotuning, CUDA-graph
+recording); the memory held
 between calls after warm-up (reserved by the caching allocator once its free cache is
 released, minus the same before compiling: under CUDA graphs, the graphs' private pool, which
 the steady-state peak cannot see because replays allocate nothing); the cold first call in
@@ -283,8 +284,7 @@ NOISY_SPREAD_PCT = 20.0
 def table(results: Sequence[dict]) -> str:
     """The results as an aligned Markdown table."""
     header = ("workload", "config", "median ms", "min ms", "host ms", "kernel ms", "spread %", "vs inductor", "peak GB",
-              "held GB",
-              "compile s", "rel err max", "rel L2", "rewrites / error")
+              "held GB", "compile s", "rel err max", "rel L2", "rewrites / error")
     rows = [header]
     for row in results:
         start = (row["workload"], row["config"])
