@@ -34,7 +34,10 @@ forward (each call timed alone: CUDA events, the host waiting between calls); ho
 median time until a call returned to Python (its launches; when it is about the median, the
 configuration is launch-bound and runs at its host's speed); the spread of the per-repeat medians
 (above 20%, each repeat's median, host and kernel ms are printed under the table; the JSON also
-has the machine's load average as each child's timing began); steady-state peak memory above the
+has the machine's load average as each child's timing began, and ``host_probe_ms``, the time of a
+fixed pure-Python loop just before and after the timed calls: the host's speed, which on the lent
+GPU machines moves by up to 2x between minutes, and which the table names when it moved between
+children by more than 30%); steady-state peak memory above the
 inputs (max allocated over the measured calls minus what was allocated once weights and inputs
 were in place), and the same over the first call and warm-up (compile, autotuning, CUDA-graph
 recording); the memory held
@@ -249,6 +252,7 @@ def summarize(runs: Sequence[dict]) -> dict:
         graphs=ok[0].get("graphs"),
         host_ms=statistics.median(host_calls) if host_calls else None,
         repeat_host_ms=[statistics.median(run["host_ms"]) if run.get("host_ms") else None for run in ok],
+        repeat_host_probe_ms=[statistics.mean(run["host_probe_ms"]) if run.get("host_probe_ms") else None for run in ok],
         kernel_ms=statistics.median(kernels["kernel_ms"] for kernels in profiled) if profiled else None,
         repeat_kernel_ms=[run["kernels"]["kernel_ms"] if run.get("kernels") else None for run in ok],
         launches=statistics.median(kernels["launches"] for kernels in profiled) if profiled else None,
@@ -279,6 +283,9 @@ def _fmt(value, spec: str, scale: float = 1.0) -> str:
 # 5-20% the same configuration moves between processes on these machines deserves a look at which
 # side (host or kernels) moved.
 NOISY_SPREAD_PCT = 20.0
+# Children whose host probes (measure.host_probe_ms) differ by more than this factor ran on a host of
+# different speed, which the table says: beyond the probe's own jitter of a few percent.
+HOST_SPEED_MOVED = 1.3
 
 
 def table(results: Sequence[dict]) -> str:
@@ -310,11 +317,19 @@ def table(results: Sequence[dict]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    probes = [probe for row in results for probe in row.get("repeat_host_probe_ms") or () if probe is not None]
+    if probes and max(probes) > HOST_SPEED_MOVED * min(probes):
+        lines += ["", f"The host's speed moved between children: a fixed pure-Python loop took {min(probes):.1f} to "
+                      f"{max(probes):.1f} ms (host_probe_ms in the JSON). Launch-bound rows (host ms near the median) "
+                      "move with it; kernel ms does not."]
     for row in results:
         if (row.get("spread_pct") or 0) > NOISY_SPREAD_PCT:
             lines += ["", f"{row['workload']} {row['config']}: the repeats disagree by {row['spread_pct']:.0f}%; per repeat:"]
-            lines += [f"  median {ms:.2f} ms, host {_fmt(host, '.2f')} ms, kernels {_fmt(kernels, '.2f')} ms"
-                      for ms, host, kernels in zip(row["repeat_median_ms"], row["repeat_host_ms"], row["repeat_kernel_ms"])]
+            lines += [f"  median {ms:.2f} ms, host {_fmt(host, '.2f')} ms, kernels {_fmt(kernels, '.2f')} ms, "
+                      f"host probe {_fmt(probe, '.1f')} ms"
+                      for ms, host, kernels, probe in zip(row["repeat_median_ms"], row["repeat_host_ms"],
+                                                          row["repeat_kernel_ms"],
+                                                          row.get("repeat_host_probe_ms") or [None] * len(row["repeat_median_ms"]))]
     for row in results:
         if row.get("top_kernels"):
             lines += ["", f"{row['workload']} {row['config']}: {row['launches']:.0f} launches per call, top kernels:"]
@@ -330,7 +345,8 @@ BACKEND_COLORS = {"eager": "#9e9e9e", "inductor": "#1f77b4", "diffopt": "#ff7f0e
 
 
 def plot(results: Sequence[dict], meta: dict, path: Path) -> Path | None:
-    """Median ms (whiskers: min and max of the repeat medians) and steady-state peak GB per
+    """Median ms (whiskers: min and max of the repeat medians; a black tick: kernel ms, where
+    profiled) and steady-state peak GB per
     workload and configuration (under CUDA graphs, where replays allocate nothing, the memory held
     between calls instead); ``None`` without matplotlib."""
     try:
@@ -355,6 +371,11 @@ def plot(results: Sequence[dict], meta: dict, path: Path) -> Path | None:
         graphed = [row.get("mode") in CUDA_GRAPH_MODES for row in rows]
         peaks = [row.get("held_GB") if cuda_graphs else row.get("peak_GB") for row, cuda_graphs in zip(rows, graphed)]
         time_axis.barh(labels, medians, color=colors, xerr=list(zip(*spread)), capsize=2)
+        # the device's busy time (--kernels): where the bar runs past it, the host set the time
+        profiled = [(y, row["kernel_ms"]) for y, row in enumerate(rows) if row.get("kernel_ms")]
+        if profiled:
+            time_axis.scatter([ms for _, ms in profiled], [y for y, _ in profiled], marker="|", s=160, color="black",
+                              zorder=3)
         memory_axis.barh(labels, [peak or 0 for peak in peaks], color=colors)
         for axis, values in ((time_axis, medians), (memory_axis, peaks)):
             for y, (row, value, cuda_graphs) in enumerate(zip(rows, values, graphed)):
@@ -367,7 +388,8 @@ def plot(results: Sequence[dict], meta: dict, path: Path) -> Path | None:
                 axis.text(value or 0, y, " " + text, va="center", fontsize=7)
             axis.tick_params(labelsize=7)
             axis.margins(x=0.15)
-        time_axis.set_title(f"{name}: ms per forward (median; whiskers: repeat medians)", fontsize=9, loc="left")
+        ticks = "; black ticks: kernel ms" if profiled else ""
+        time_axis.set_title(f"{name}: ms per forward (median; whiskers: repeat medians{ticks})", fontsize=9, loc="left")
         memory_axis.set_title(f"{name}: peak GB above inputs (CUDA graphs: GB held)", fontsize=9, loc="left")
         memory_axis.set_yticks(range(len(rows)), [""] * len(rows))
     env = meta.get("env") or {}
@@ -403,7 +425,7 @@ def compiled(model, config: Config):
 def run_child(spec: dict) -> dict:
     """Build, compile and time one configuration (in a process of its own)."""
     import torch
-    from measure import Peak, cuda_peak_above, cuda_reserved, kernel_time, live_at_peak, time_calls
+    from measure import Peak, cuda_peak_above, cuda_reserved, host_probe_ms, kernel_time, live_at_peak, time_calls
     from torch.utils._pytree import tree_leaves
 
     from diffopt.models.diffusers_models import cast_like_from_pretrained
@@ -445,9 +467,12 @@ def run_child(spec: dict) -> dict:
         result["held_bytes"] = cuda_reserved() - base_reserved if cuda else None
         # the machine's load as the timing starts: a launch-bound child is as fast as its host
         result["load_avg_1min"] = os.getloadavg()[0]
+        probe_before = host_probe_ms()
         with peak_above_base() as peak:
             times = time_calls(lambda: fn(**inputs), spec["iters"], device)
         result["ms"], result["host_ms"] = times.ms, times.host_ms
+        # the host's speed just before and after the timed calls: what a launch-bound median moves with
+        result["host_probe_ms"] = [probe_before, host_probe_ms()]
         if spec.get("kernels") and cuda:
             result["kernels"] = kernel_time(lambda: fn(**inputs))
         if spec.get("memory_breakdown") and cuda:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -45,6 +46,20 @@ class CallTimes:
 
     ms: list[float]
     host_ms: list[float]
+
+
+def host_probe_ms(repeats: int = 3) -> float:
+    """Milliseconds a fixed pure-Python loop takes (the fastest of ``repeats``): the host CPU's speed at
+    this moment, which sets the time of a launch-bound call. On the lent GPU machines it moved by 2x
+    within a minute, in processes pinned to one core of an otherwise idle host (eleventh session)."""
+    fastest = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total = 0
+        for i in range(100_000):
+            total += i * i
+        fastest = min(fastest, (time.perf_counter() - start) * 1e3)
+    return fastest
 
 
 def time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> CallTimes:

@@ -90,25 +90,36 @@ def test_per_call_kernels_sums_what_ran_on_the_device(events, calls, top):
 def test_summarize_and_table_show_host_time_and_each_repeat_when_repeats_disagree():
     # Two processes of one compiled program: the same kernels, one host 1.5x slower (seen on an H200 under
     # max-autotune: 15.58 and 23.70 ms with 13.05 and 13.13 ms of kernels).
-    runs = [{"ms": [15.5, 15.6, 15.7], "host_ms": [15.0, 15.1, 15.2], "compile_s": 29.0,
+    runs = [{"ms": [15.5, 15.6, 15.7], "host_ms": [15.0, 15.1, 15.2], "compile_s": 29.0, "host_probe_ms": [5.0, 5.4],
              "kernels": {"calls": 3, "kernel_ms": 13.05, "launches": 645.0, "top": []}},
-            {"ms": [23.6, 23.7, 23.8], "host_ms": [23.1, 23.2, 23.3], "compile_s": 22.7,
+            {"ms": [23.6, 23.7, 23.8], "host_ms": [23.1, 23.2, 23.3], "compile_s": 22.7, "host_probe_ms": [9.0, 10.0],
              "kernels": {"calls": 3, "kernel_ms": 13.13, "launches": 645.0, "top": []}}]
     summary = bench_models.summarize(runs)
     assert summary["host_ms"] == pytest.approx(19.15) and summary["repeat_host_ms"] == [15.1, 23.2]
-    assert summary["repeat_kernel_ms"] == [13.05, 13.13]
+    assert summary["repeat_kernel_ms"] == [13.05, 13.13] and summary["repeat_host_probe_ms"] == pytest.approx([5.2, 9.5])
     assert summary["spread_pct"] > bench_models.NOISY_SPREAD_PCT
     table = bench_models.table([{"workload": "w", "config": "c", "failed_repeats": 0, "vs_inductor": None, **summary}])
     header, _, row = ([cell.strip() for cell in line.split("|")] for line in table.splitlines()[:3])
     assert row[header.index("host ms")] == "19.15"
     assert "w c: the repeats disagree by 41%; per repeat:" in table
-    assert "  median 15.60 ms, host 15.10 ms, kernels 13.05 ms" in table
-    assert "  median 23.70 ms, host 23.20 ms, kernels 13.13 ms" in table
-    # repeats that agree, or one repeat, print no such lines; a run without host times shows "-"
-    steady = bench_models.summarize([{"ms": [10.0], "compile_s": 1.0}, {"ms": [10.5], "compile_s": 1.0}])
+    assert "  median 15.60 ms, host 15.10 ms, kernels 13.05 ms, host probe 5.2 ms" in table
+    assert "  median 23.70 ms, host 23.20 ms, kernels 13.13 ms, host probe 9.5 ms" in table
+    assert "The host's speed moved between children: a fixed pure-Python loop took 5.2 to 9.5 ms" in table
+    # repeats that agree, or one repeat, print no such lines; a run without host times or probes shows "-"
+    steady = bench_models.summarize([{"ms": [10.0], "compile_s": 1.0, "host_probe_ms": [5.0, 5.1]},
+                                     {"ms": [10.5], "compile_s": 1.0, "host_probe_ms": [5.5, 5.6]}])
     table = bench_models.table([{"workload": "w", "config": "c", "failed_repeats": 0, "vs_inductor": None, **steady}])
     header, _, row = ([cell.strip() for cell in line.split("|")] for line in table.splitlines()[:3])
-    assert row[header.index("host ms")] == "-" and "disagree" not in table
+    assert row[header.index("host ms")] == "-" and "disagree" not in table and "speed moved" not in table
+    noisy_without_probes = bench_models.summarize([{"ms": [10.0], "compile_s": 1.0}, {"ms": [20.0], "compile_s": 1.0}])
+    table = bench_models.table([{"workload": "w", "config": "c", "failed_repeats": 0, "vs_inductor": None,
+                                 **noisy_without_probes}])
+    assert "  median 10.00 ms, host - ms, kernels - ms, host probe - ms" in table and "speed moved" not in table
+
+
+def test_host_probe_times_a_fixed_python_loop():
+    probes = [measure.host_probe_ms(repeats) for repeats in (1, 3)]
+    assert all(0 < probe < 1e4 for probe in probes)
 
 
 @given(iters=st.integers(1, 4), sleep_ms=st.floats(0.5, 3.0))
@@ -277,6 +288,7 @@ def test_tiny_run_has_every_configuration_with_finite_numbers(tiny_run):
         assert row["workload"] == "wan1.3b_1frame" and row["failed_repeats"] == 0, row["errors"]
         assert len(row["runs"]) == 1 and len(row["runs"][0]["ms"]) == 2 == len(row["runs"][0]["host_ms"])
         assert row["runs"][0]["load_avg_1min"] >= 0 and row["host_ms"] > 0
+        assert len(row["runs"][0]["host_probe_ms"]) == 2 and min(row["runs"][0]["host_probe_ms"]) > 0
         for key in ("median_ms", "min_ms", "compile_s", "vs_inductor"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key)
         assert row["min_ms"] <= row["median_ms"]
@@ -306,6 +318,19 @@ def test_tiny_run_prints_the_table_and_the_chart(tiny_run):
         assert "no chart: matplotlib is not installed" in stdout
     else:
         assert (out / "bench_models.png").stat().st_size > 0
+
+
+def test_chart_marks_kernel_time_where_profiled(tmp_path, monkeypatch):
+    axes = pytest.importorskip("matplotlib.axes")
+    ticks = []
+    draw = axes.Axes.scatter
+    monkeypatch.setattr(axes.Axes, "scatter", lambda self, x, y, **kw: (ticks.append((list(x), list(y))),
+                                                                         draw(self, x, y, **kw))[1])
+    rows = [{"workload": "w", "config": config, "backend": config, "mode": None, "regional": False,
+             "median_ms": median, "repeat_median_ms": [median], "peak_GB": 0.1, "kernel_ms": kernels}
+            for config, median, kernels in (("inductor", 15.1, 12.7), ("diffopt", 17.0, None))]
+    assert bench_models.plot(rows, {"date": "2026-12-02"}, tmp_path / "chart.png").stat().st_size > 0
+    assert ticks == [([12.7], [1])]  # rows are drawn bottom-up: the first row is the top one
 
 
 def test_repeats_run_the_set_again_and_eager_repeats_itself(tmp_path):
