@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -117,9 +118,12 @@ def test_summarize_and_table_show_host_time_and_each_repeat_when_repeats_disagre
     assert "  median 10.00 ms, host - ms, kernels - ms, host probe - ms" in table and "speed moved" not in table
 
 
-def test_host_probe_times_a_fixed_python_loop():
-    probes = [measure.host_probe_ms(repeats) for repeats in (1, 3)]
-    assert all(0 < probe < 1e4 for probe in probes)
+@given(durations_ms=st.lists(st.floats(0.5, 100.0), min_size=1, max_size=4))
+def test_host_probe_is_the_fastest_of_its_repeats(durations_ms):
+    clock = iter(value for ms in durations_ms for value in (0.0, ms / 1e3))
+    with mock.patch.object(measure, "time", SimpleNamespace(perf_counter=lambda: next(clock))):
+        assert measure.host_probe_ms(len(durations_ms)) == pytest.approx(min(durations_ms))
+    assert 0 < measure.host_probe_ms(1) < 1e4  # and on the real clock, once
 
 
 @given(iters=st.integers(1, 4), sleep_ms=st.floats(0.5, 3.0))
